@@ -1,0 +1,147 @@
+"""The adapter contract: Variable types, the Adapter module and the variant config.
+
+The Variable *type* is the switch that training, checkpoints and transforms filter on:
+
+- :class:`AdapterParam` (a ``nnx.LoRAParam``, so a ``nnx.Param``): trainable adapter
+  weights. ``nnx.Optimizer(model, tx, wrt=AdapterParam)`` trains only these.
+- :class:`AdapterState`: frozen adapter state (SVD bases, norms, selected indices).
+  Not a ``Param``: never differentiated, but saved with the adapter.
+- :class:`Alpha`: the steering scalar of one adapter (or one value per input row).
+
+An :class:`Adapter` wraps the original module unchanged (``adapter.base``) and adds its
+contribution. Variants implement :meth:`Adapter.forward` and :meth:`Adapter.merged`;
+the shared machinery (surgery, merge, transforms) never looks inside a variant.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import zlib
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+from lora_jax.views import EinsumSpec, ViewInfo
+
+__all__ = ["Adapter", "AdapterParam", "AdapterState", "Alpha", "VariantConfig", "Target"]
+
+
+class AdapterParam(nnx.LoRAParam):
+    """A trainable adapter weight. Subclass it to give a group its own learning rate."""
+
+
+class AdapterState(nnx.Variable):
+    """Frozen adapter state: part of the adapter, saved with it, never trained."""
+
+
+class Alpha(nnx.Variable):
+    """Steering coefficient: 0 is the base layer, 1 the trained adapter, -1 its inverse.
+
+    A scalar, or one value per input row (shape ``(batch,)``) for a sweep in one pass.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Everything a variant needs to build an adapter for one layer."""
+
+    path: str
+    module: nnx.Module
+    info: ViewInfo
+    spec: EinsumSpec
+
+    @property
+    def kernel(self) -> Array:
+        return getattr(self.module, self.info.kernel)[...]
+
+    @property
+    def bias(self) -> Array | None:
+        return None if self.info.bias is None else getattr(self.module, self.info.bias)[...]
+
+    def kernel_matrix(self, dtype: Any) -> Float[Array, "*batch d_in d_out"]:
+        return self.spec.kernel_to_matrix(self.kernel).astype(dtype)
+
+    def key(self, seed: int) -> jax.Array:
+        """A key that depends only on the seed and the layer's path, so re-applying a
+        config to a fresh base model gives the same initial adapter."""
+        return jax.random.fold_in(jax.random.key(seed), zlib.crc32(self.path.encode()))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VariantConfig(abc.ABC):
+    """Hyperparameters of one variant: frozen, keyword-only, JSON-serializable.
+
+    ``name`` is the variant's name in configs and checkpoints. ``dtype`` is the dtype of
+    the adapter's weights and math; the base layer keeps its own.
+    """
+
+    name: ClassVar[str]
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        try:
+            jnp.dtype(self.dtype)
+        except TypeError as err:
+            raise ValueError(f"{self.name}: dtype={self.dtype!r} is not a dtype name like 'float32'") from err
+
+    @abc.abstractmethod
+    def build(self, target: Target, *, seed: int) -> Adapter:
+        """Validate against ``target`` and return its adapter (identity at alpha=0)."""
+
+
+class Adapter(nnx.Module):
+    """Base of every adapter module: ``base`` is the wrapped layer, unchanged."""
+
+    def __init__(self, target: Target, config: VariantConfig):
+        self.base = target.module
+        self.info = target.info
+        self.spec = target.spec
+        self.config = config
+        self.alpha = Alpha(jnp.ones((), jnp.float32))
+
+    @property
+    def dtype(self) -> Any:
+        return jnp.dtype(self.config.dtype)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Array:
+        i = self.info.input_arg
+        x = args[i]
+
+        def call_base(new_x: Array) -> Array:
+            return self.base(*args[:i], new_x, *args[i + 1 :], **kwargs)
+
+        return self.forward(x, call_base)
+
+    @abc.abstractmethod
+    def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:
+        """The adapted layer. ``call_base(x)`` runs the original layer on ``x``."""
+
+    @abc.abstractmethod
+    def merged(
+        self, kernel: Float[Array, "*batch d_in d_out"], bias: Float[Array, "*batch d_out"] | None
+    ) -> tuple[Array, Array | None]:
+        """The dense kernel (and bias) equal to this adapter at its current scalar alpha."""
+
+    # -- helpers shared by variants ----------------------------------------------------
+    def alpha_for(self, target: str, ndim: int) -> Array:
+        """Alpha in the adapter dtype, broadcast to a layout ("out" or "hidden")."""
+        a = self.alpha[...].astype(self.dtype)
+        if a.ndim == 0:
+            return a
+        if a.ndim != 1:
+            raise ValueError(f"alpha must be a scalar or one value per input row, got shape {a.shape}")
+        return self.spec.rows(a, target, ndim)
+
+    def scalar_alpha(self) -> Array:
+        a = self.alpha[...]
+        if a.ndim != 0:
+            raise ValueError(
+                f"merging needs a scalar alpha, this adapter holds one per row (shape {a.shape}); "
+                "set a scalar with set_alpha first"
+            )
+        return a.astype(self.dtype)

@@ -1,0 +1,148 @@
+"""What to adapt, and how: plain, frozen data that round-trips through JSON.
+
+    cfg = AdapterConfig(rules=(
+        Rule(pattern=r"down_proj", variant=IA3FFConfig()),
+        Rule(pattern=r"(q|v)_proj", variant=LoRAConfig(r=8, lora_alpha=16), layers=(0, 1)),
+    ))
+
+Each layer gets the first rule that matches it (so list specific rules before general
+ones, like PEFT's ``rank_pattern`` over ``r``). A rule matches a layer when ``pattern``
+is found (``re.search``) in its dotted path, the path matches none of ``exclude``, its
+layer index (the first integer in the path) is in ``layers`` and its role is in
+``roles``: ``reader`` (d_in == d_model), ``writer`` (d_out == d_model) or ``inner``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from lora_jax.adapter import VariantConfig
+from lora_jax.variants import VARIANTS
+
+__all__ = ["AdapterConfig", "Rule", "ROLES"]
+
+ROLES = ("reader", "writer", "inner")
+
+
+def _check_jsonable(value: Any, where: str) -> None:
+    if value is None or isinstance(value, bool | int | float | str):
+        return
+    if isinstance(value, tuple | list):
+        for i, item in enumerate(value):
+            _check_jsonable(item, f"{where}[{i}]")
+        return
+    raise TypeError(
+        f"config value {where} = {value!r} ({type(value).__name__}) does not serialize to JSON; "
+        "use numbers, strings, booleans, None or tuples of them"
+    )
+
+
+def _variant_to_dict(variant: VariantConfig) -> dict[str, Any]:
+    fields = {f.name: getattr(variant, f.name) for f in dataclasses.fields(variant)}
+    for key, value in fields.items():
+        _check_jsonable(value, f"{variant.name}.{key}")
+    return {"variant": variant.name, **fields}
+
+
+def _variant_from_dict(data: Mapping[str, Any]) -> VariantConfig:
+    data = dict(data)
+    name = data.pop("variant", None)
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; known variants: {', '.join(sorted(VARIANTS))}")
+    cls = VARIANTS[name]
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for variant {name!r}; options: {', '.join(sorted(known))}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Rule:
+    """Which layers get which variant. See the module docstring for matching."""
+
+    pattern: str
+    variant: VariantConfig
+    layers: tuple[int, ...] | None = None
+    roles: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.variant, VariantConfig):
+            raise TypeError(f"Rule.variant must be a variant config such as LoRAConfig(r=8), got {self.variant!r}")
+        for regex in (self.pattern, *self.exclude):
+            try:
+                re.compile(regex)
+            except re.error as err:
+                raise ValueError(f"Rule pattern {regex!r} is not a valid regular expression: {err}") from err
+        if self.roles is not None:
+            bad = [r for r in self.roles if r not in ROLES]
+            if bad:
+                raise ValueError(f"unknown role(s) {bad}; roles are {ROLES}")
+        for name in ("layers", "roles", "exclude"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+            elif isinstance(value, str):
+                raise TypeError(f"Rule.{name} must be a tuple, got the string {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"pattern": self.pattern, "variant": _variant_to_dict(self.variant)}
+        out.update(layers=self.layers, roles=self.roles, exclude=self.exclude)
+        for key in ("layers", "roles", "exclude"):
+            _check_jsonable(out[key], f"Rule.{key}")
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Rule:
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown Rule field(s) {unknown}; fields: {', '.join(sorted(known))}")
+        variant = _variant_from_dict(data.pop("variant"))
+        return cls(variant=variant, **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdapterConfig:
+    """The rules, the model width used for roles (inferred when None) and the init seed."""
+
+    rules: tuple[Rule, ...]
+    d_model: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rules, Rule):
+            object.__setattr__(self, "rules", (self.rules,))
+        elif isinstance(self.rules, list):
+            object.__setattr__(self, "rules", tuple(self.rules))
+        if not self.rules or not all(isinstance(r, Rule) for r in self.rules):
+            raise TypeError(f"AdapterConfig.rules must be a non-empty tuple of Rule, got {self.rules!r}")
+        self.to_dict()  # fail now, not at save time, on a value JSON cannot hold
+
+    def to_dict(self) -> dict[str, Any]:
+        _check_jsonable(self.d_model, "AdapterConfig.d_model")
+        _check_jsonable(self.seed, "AdapterConfig.seed")
+        return {"rules": [r.to_dict() for r in self.rules], "d_model": self.d_model, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AdapterConfig:
+        data = dict(data)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown AdapterConfig field(s) {unknown}; fields: {', '.join(sorted(known))}")
+        rules = tuple(Rule.from_dict(r) for r in data.pop("rules"))
+        return cls(rules=rules, **data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> AdapterConfig:
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,9 @@
+"""One file per adapter method. ``VARIANTS`` maps a config's ``name`` to its class; it is
+written out here, not filled by import side effects, so the list is one place to read."""
+
+from lora_jax.adapter import VariantConfig
+from lora_jax.variants.lora import LoRA, LoRAConfig
+
+VARIANTS: dict[str, type[VariantConfig]] = {cls.name: cls for cls in (LoRAConfig,)}
+
+__all__ = ["VARIANTS", "LoRA", "LoRAConfig"]

@@ -1,0 +1,15 @@
+"""Validation shared by variants: one message for one mistake."""
+
+from __future__ import annotations
+
+from lora_jax.adapter import Target
+
+
+def check_rank(variant: str, r: int, target: Target) -> None:
+    spec = target.spec
+    limit = min(spec.d_in, spec.d_out)
+    if not isinstance(r, int) or isinstance(r, bool) or not 0 < r <= limit:
+        raise ValueError(
+            f"{variant}: rank r={r!r} at {target.path!r} must be an integer in [1, {limit}] "
+            f"(min of d_in={spec.d_in}, d_out={spec.d_out}); lower r or exclude the layer"
+        )

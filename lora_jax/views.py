@@ -1,0 +1,355 @@
+"""A linear-like module seen as a batch of ``(d_in, d_out)`` matrices.
+
+Every supported layer is the einsum ``lhs,kernel->out``. Each kernel axis is
+
+- *contracted*: in ``lhs`` and ``kernel``, not in ``out`` (together they make ``d_in``);
+- *output*: in ``kernel`` and ``out``, not in ``lhs`` (together ``d_out``);
+- *kernel-batch*: in all three (MoE experts, per-head weights): one matrix per index.
+
+``lhs`` axes that are not in the kernel ("free": tokens, rows) must reach ``out``
+unchanged; an axis that is summed away entirely is not a per-row linear map and is
+rejected. The matrix view of the kernel is
+``kernel.transpose(batch + contracted + output).reshape(*batch, d_in, d_out)``; adapter
+factors are stored in that matrix form and reshaped (free in XLA) to the kernel's axes
+inside one einsum, so the activations are never transposed for the adapter.
+
+Built in: ``nnx.Linear`` (``...i,io->...o``), ``nnx.LinearGeneral`` (any ``axis`` and
+``batch_axis``) and ``nnx.Einsum`` (any two-operand string given to its constructor).
+Other module types are added with :func:`register_view`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import string
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float
+
+__all__ = ["EinsumSpec", "UnsupportedLayerError", "ViewInfo", "register_view", "view_of"]
+
+
+class UnsupportedLayerError(ValueError):
+    """The layer cannot be seen as a linear map ``(..., d_in) -> (..., d_out)``."""
+
+
+def _dedupe_check(name: str, letters: str, equation: str) -> None:
+    if len(set(letters)) != len(letters):
+        raise UnsupportedLayerError(
+            f"einsum {equation!r}: the {name} operand repeats an axis letter (a diagonal "
+            "or trace); only plain contractions can be adapted"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The einsum strings of one call, with any ``...`` expanded for the input's ndim."""
+
+    lhs: str
+    out: str
+    free: str  # lhs axes that are not kernel axes, in lhs order
+    hidden: str  # layout of the rank-space activations: batch + free + rank letter
+    rank: str  # the rank-axis letter
+    rank2: str  # a second spare letter for rank-space matmuls
+
+
+@dataclasses.dataclass(frozen=True)
+class EinsumSpec:
+    """Static description of one linear-like layer; hashable so it can live in a graphdef.
+
+    ``lhs`` and ``out`` may hold one ``...`` (expanded per call); ``kernel`` may not.
+    """
+
+    equation: str
+    kernel_shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        eq = self.equation.replace(" ", "")
+        object.__setattr__(self, "equation", eq)
+        if eq.count("->") != 1 or eq.split("->")[0].count(",") != 1:
+            raise UnsupportedLayerError(
+                f"einsum {eq!r} must be explicit with exactly two operands, like 'BTD,DNH->BTNH'"
+            )
+        lhs, kernel, out = self.lhs, self.kernel, self.out
+        if "." in kernel:
+            raise UnsupportedLayerError(f"einsum {eq!r}: '...' in the kernel operand is not supported")
+        if ("..." in lhs) != ("..." in out):
+            raise UnsupportedLayerError(f"einsum {eq!r}: '...' must appear in both input and output")
+        for name, letters in (
+            ("input", lhs.replace("...", "")),
+            ("kernel", kernel),
+            ("output", out.replace("...", "")),
+        ):
+            _dedupe_check(name, letters, eq)
+            if not all(c in string.ascii_letters for c in letters):
+                raise UnsupportedLayerError(f"einsum {eq!r}: axis names must be ASCII letters")
+        if len(kernel) != len(self.kernel_shape):
+            raise UnsupportedLayerError(
+                f"einsum {eq!r}: kernel operand has {len(kernel)} axes but the kernel shape is {self.kernel_shape}"
+            )
+        for c in kernel:
+            if c not in lhs and c not in out:
+                raise UnsupportedLayerError(
+                    f"einsum {eq!r}: kernel axis {c!r} is summed away inside the kernel, so the "
+                    "layer is not a matrix product; fold that axis into the kernel first"
+                )
+        for c in lhs.replace("...", ""):
+            if c not in kernel and c not in out:
+                raise UnsupportedLayerError(
+                    f"einsum {eq!r}: input axis {c!r} is summed away without the kernel, so the "
+                    "output is not a per-row linear map of the input and cannot be adapted"
+                )
+        for c in out.replace("...", ""):
+            if c not in kernel and c not in lhs:
+                raise UnsupportedLayerError(f"einsum {eq!r}: output axis {c!r} comes from neither operand")
+
+    # -- the letters ------------------------------------------------------------------
+    @property
+    def lhs(self) -> str:
+        return self.equation.split("->")[0].split(",")[0]
+
+    @property
+    def kernel(self) -> str:
+        return self.equation.split("->")[0].split(",")[1]
+
+    @property
+    def out(self) -> str:
+        return self.equation.split("->")[1]
+
+    @property
+    def batch(self) -> str:
+        return "".join(c for c in self.kernel if c in self.lhs and c in self.out)
+
+    @property
+    def contracted(self) -> str:
+        return "".join(c for c in self.kernel if c in self.lhs and c not in self.out)
+
+    @property
+    def output(self) -> str:
+        return "".join(c for c in self.kernel if c not in self.lhs)
+
+    def _sizes(self, letters: str) -> tuple[int, ...]:
+        return tuple(self.kernel_shape[self.kernel.index(c)] for c in letters)
+
+    @property
+    def batch_shape(self) -> tuple[int, ...]:
+        return self._sizes(self.batch)
+
+    @property
+    def d_in(self) -> int:
+        return math.prod(self._sizes(self.contracted))
+
+    @property
+    def d_out(self) -> int:
+        return math.prod(self._sizes(self.output))
+
+    @functools.lru_cache(maxsize=32)  # noqa: B019 - specs are few, immutable and long-lived
+    def layout(self, ndim: int) -> Layout:
+        """Expand ``...`` for an input of ``ndim`` axes and name the rank axis."""
+        lhs, out = self.lhs, self.out
+        used = set(lhs + self.kernel + out) - {"."}
+        spare = [c for c in string.ascii_letters if c not in used]
+        if "..." in lhs:
+            n_ellipsis = ndim - (len(lhs) - 3)
+            if n_ellipsis < 0:
+                raise ValueError(f"einsum {self.equation!r} needs an input of at least {len(lhs) - 3} axes, got {ndim}")
+            fill = "".join(spare[:n_ellipsis])
+            spare = spare[n_ellipsis:]
+            lhs, out = lhs.replace("...", fill), out.replace("...", fill)
+        elif len(lhs) != ndim:
+            raise ValueError(f"einsum {self.equation!r} expects an input of {len(lhs)} axes, got {ndim}")
+        free = "".join(c for c in lhs if c not in self.kernel)
+        rank, rank2 = spare[0], spare[1]
+        return Layout(lhs, out, free, self.batch + free + rank, rank, rank2)
+
+    # -- kernel and bias as matrices ----------------------------------------------------
+    def kernel_to_matrix(self, kernel: Array) -> Float[Array, "*batch d_in d_out"]:
+        order = self.batch + self.contracted + self.output
+        matrix = jnp.transpose(kernel, [self.kernel.index(c) for c in order])
+        return matrix.reshape(*self.batch_shape, self.d_in, self.d_out)
+
+    def kernel_from_matrix(self, matrix: Float[Array, "*batch d_in d_out"]) -> Array:
+        order = self.batch + self.contracted + self.output
+        split = matrix.reshape(self._sizes(order))
+        return jnp.transpose(split, [order.index(c) for c in self.kernel])
+
+    @property
+    def _bias_letters(self) -> str:
+        """Kernel axes that reach the output, in output order: the layout of every bias."""
+        return "".join(c for c in self.out if c in self.kernel)
+
+    def bias_to_matrix(self, bias: Array) -> Float[Array, "*batch d_out"]:
+        letters = self._bias_letters
+        split = bias.reshape(self._sizes(letters))
+        order = self.batch + self.output
+        return jnp.transpose(split, [letters.index(c) for c in order]).reshape(*self.batch_shape, self.d_out)
+
+    def bias_from_matrix(self, matrix: Float[Array, "*batch d_out"], bias_shape: tuple[int, ...]) -> Array:
+        order, letters = self.batch + self.output, self._bias_letters
+        split = matrix.reshape(self._sizes(order))
+        return jnp.transpose(split, [order.index(c) for c in letters]).reshape(bias_shape)
+
+    # -- activations through matrices in the kernel's own layout ------------------------
+    def _factor(self, matrix: Array, in_letters: str, side: str) -> tuple[Array, str]:
+        """Reshape a ``(*batch, d, k)`` or ``(*batch, k, d)`` factor to kernel axes."""
+        if side == "in":
+            shape = (*self.batch_shape, *self._sizes(self.contracted), matrix.shape[-1])
+            return matrix.reshape(shape), self.batch + self.contracted + in_letters
+        shape = (*self.batch_shape, matrix.shape[-2], *self._sizes(self.output))
+        return matrix.reshape(shape), self.batch + in_letters + self.output
+
+    def project_in(self, x: Array, matrix: Float[Array, "*batch d_in k"]) -> Array:
+        """``x @ matrix`` per kernel-batch index; returns the rank-space ``hidden`` layout."""
+        lay = self.layout(x.ndim)
+        factor, letters = self._factor(matrix, lay.rank, "in")
+        return jnp.einsum(f"{lay.lhs},{letters}->{lay.hidden}", x, factor)
+
+    def project_out(self, h: Array, matrix: Float[Array, "*batch k d_out"], ndim: int) -> Array:
+        """``h @ matrix`` into the layer's output layout (``ndim`` is the input's)."""
+        lay = self.layout(ndim)
+        factor, letters = self._factor(matrix, lay.rank, "out")
+        return jnp.einsum(f"{lay.hidden},{letters}->{lay.out}", h, factor)
+
+    def project_back(self, h: Array, matrix: Float[Array, "*batch d_in k"], ndim: int) -> Array:
+        """``h @ matrix.T`` back into the layer's input layout."""
+        lay = self.layout(ndim)
+        factor, letters = self._factor(matrix, lay.rank, "in")
+        return jnp.einsum(f"{lay.hidden},{letters}->{lay.lhs}", h, factor)
+
+    def rank_matmul(self, h: Array, matrix: Float[Array, "*batch k k2"], ndim: int) -> Array:
+        """``h @ matrix`` in rank space, one matrix per kernel-batch index."""
+        lay = self.layout(ndim)
+        out = lay.hidden.replace(lay.rank, lay.rank2)
+        return jnp.einsum(f"{lay.hidden},{self.batch}{lay.rank}{lay.rank2}->{out}", h, matrix)
+
+    def _broadcast(self, v: Array, letters: str, sizes: tuple[int, ...], target: str) -> Array:
+        """Reshape ``v`` (axes ``letters``) so it broadcasts against layout ``target``."""
+        split = v.reshape(sizes)
+        present = [c for c in target if c in letters]
+        moved = jnp.transpose(split, [letters.index(c) for c in present])
+        return moved.reshape([split.shape[letters.index(c)] if c in letters else 1 for c in target])
+
+    def in_broadcast(self, v: Float[Array, "*batch d_in"], ndim: int) -> Array:
+        letters = self.batch + self.contracted
+        return self._broadcast(v, letters, self._sizes(letters), self.layout(ndim).lhs)
+
+    def out_broadcast(self, v: Float[Array, "*batch d_out"], ndim: int) -> Array:
+        letters = self.batch + self.output
+        return self._broadcast(v, letters, self._sizes(letters), self.layout(ndim).out)
+
+    def rank_broadcast(self, v: Float[Array, "*batch k"], ndim: int) -> Array:
+        lay = self.layout(ndim)
+        letters = self.batch + lay.rank
+        return self._broadcast(v, letters, (*self.batch_shape, v.shape[-1]), lay.hidden)
+
+    def out_to_matrix(self, y: Array, ndim: int) -> Float[Array, "*batch rows d_out"]:
+        """Output layout -> ``(*batch, *free, d_out)`` (a transpose where the layout needs one)."""
+        lay = self.layout(ndim)
+        order = self.batch + lay.free + self.output
+        moved = jnp.transpose(y, [lay.out.index(c) for c in order])
+        return moved.reshape(*moved.shape[: len(self.batch) + len(lay.free)], self.d_out)
+
+    def out_from_matrix(self, m: Array, ndim: int) -> Array:
+        lay = self.layout(ndim)
+        order = self.batch + lay.free + self.output
+        split = m.reshape(*m.shape[:-1], *self._sizes(self.output))
+        return jnp.transpose(split, [order.index(c) for c in lay.out])
+
+    def rows(self, a: Float[Array, " rows"], target: str, ndim: int) -> Array:
+        """Broadcast one value per input row (axis 0 of the input) to a layout.
+
+        ``target`` is ``"out"`` or ``"hidden"``.
+        """
+        lay = self.layout(ndim)
+        row = lay.lhs[0]
+        if row in self.kernel:
+            raise ValueError(
+                f"einsum {self.equation!r}: the input's first axis {row!r} is a kernel axis, "
+                "so a per-row alpha has no rows to act on; use a scalar alpha"
+            )
+        layout = lay.out if target == "out" else lay.hidden
+        return a.reshape([a.shape[0] if c == row else 1 for c in layout])
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewInfo:
+    """How to find the pieces of a module that computes ``equation`` with its kernel.
+
+    ``kernel`` and ``bias`` name the module's ``nnx.Param`` attributes (``bias=None``
+    when it has none); ``input_arg`` is the position of the activation in ``__call__``.
+    """
+
+    equation: str
+    kernel: str = "kernel"
+    bias: str | None = None
+    input_arg: int = 0
+
+
+_USER_VIEWS: dict[type, Callable[[nnx.Module], ViewInfo]] = {}
+
+
+def register_view(module_type: type, describe: Callable[[nnx.Module], ViewInfo]) -> None:
+    """Make instances of ``module_type`` adaptable.
+
+    ``describe(module)`` returns a :class:`ViewInfo`, e.g. for a tunix-style einsum that
+    stores its kernel as ``w`` and is called as ``layer(x)``::
+
+        register_view(MyEinsum, lambda m: ViewInfo(equation=m.eqn, kernel="w"))
+    """
+    if not isinstance(module_type, type) or not issubclass(module_type, nnx.Module):
+        raise TypeError(f"register_view needs an nnx.Module subclass, got {module_type!r}")
+    _USER_VIEWS[module_type] = describe
+
+
+def _linear_general_equation(module: nnx.LinearGeneral) -> str:
+    letters = iter(string.ascii_letters)
+    n_batch, axes = len(module.batch_axis), tuple(module.axis)
+    if any(a < 0 for a in axes) and any(a >= 0 for a in axes):
+        raise UnsupportedLayerError(
+            f"nnx.LinearGeneral with mixed-sign axis={axes} depends on the input's ndim; "
+            "use all-negative or all-non-negative axes"
+        )
+    batch = "".join(next(letters) for _ in range(n_batch))
+    contracted = "".join(next(letters) for _ in axes)
+    output = "".join(next(letters) for _ in module.out_features)
+    by_axis = dict(zip(axes, contracted, strict=True))
+    if all(a < 0 for a in axes):
+        span = range(min(axes), 0)
+        tail = "".join(by_axis.get(a) or next(letters) for a in span)
+        lhs = batch + "..." + tail
+    else:
+        span = range(n_batch, max(axes) + 1)
+        lhs = batch + "".join(by_axis.get(a) or next(letters) for a in span) + "..."
+    free = "".join(c for c in lhs if c not in batch + contracted)
+    # dot_general puts batch axes first, then the input's free axes, then the outputs.
+    return f"{lhs},{batch}{contracted}{output}->{batch}{free}{output}"
+
+
+def view_of(module: nnx.Module) -> ViewInfo | None:
+    """The view of ``module`` if it is adaptable, else ``None`` (raises if it is broken)."""
+    for module_type in type(module).__mro__:
+        if module_type in _USER_VIEWS:
+            return _USER_VIEWS[module_type](module)
+    bias = "bias" if getattr(module, "bias", None) is not None else None
+    if isinstance(module, nnx.Linear):
+        return ViewInfo("...i,io->...o", bias=bias)
+    if isinstance(module, nnx.LinearGeneral):
+        return ViewInfo(_linear_general_equation(module), bias=bias)
+    if isinstance(module, nnx.Einsum):
+        if module.einsum_str is None:
+            raise UnsupportedLayerError(
+                "nnx.Einsum without a constructor einsum_str cannot be adapted: the equation "
+                "must be known before the first call; pass einsum_str= when building it"
+            )
+        return ViewInfo(module.einsum_str, bias=bias)
+    return None
+
+
+def spec_of(module: nnx.Module, info: ViewInfo) -> EinsumSpec:
+    kernel: Any = getattr(module, info.kernel)
+    return EinsumSpec(info.equation, tuple(kernel.shape))

@@ -247,6 +247,13 @@ class EinsumSpec:
         letters = self.batch + lay.rank
         return self._broadcast(v, letters, (*self.batch_shape, v.shape[-1]), lay.hidden)
 
+    def in_to_matrix(self, x: Array) -> Float[Array, "*batch *free d_in"]:
+        """Input layout -> ``(*batch, *free, d_in)``: the rows each kernel matrix sees."""
+        lay = self.layout(x.ndim)
+        order = self.batch + lay.free + self.contracted
+        moved = jnp.transpose(x, [lay.lhs.index(c) for c in order])
+        return moved.reshape(*moved.shape[: len(self.batch) + len(lay.free)], self.d_in)
+
     def out_to_matrix(self, y: Array, ndim: int) -> Float[Array, "*batch rows d_out"]:
         """Output layout -> ``(*batch, *free, d_out)`` (a transpose where the layout needs one)."""
         lay = self.layout(ndim)

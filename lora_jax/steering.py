@@ -176,12 +176,14 @@ def sweep_metrics(
     effects: ArrayLike,
     logits: ArrayLike,
     *,
+    mask: ArrayLike | None = None,
     kl_budget: float = 0.1,
 ) -> SweepMetrics:
     """Metrics of a sweep. ``effects`` is ``(n,)`` or ``(n, ...)`` (averaged to one number
     per alpha); ``logits`` is ``(n, ..., vocab)``, logits or log-probabilities (both are
-    normalized with log-softmax). The sweep must include alpha = 0: it is the base model
-    every cost is measured from."""
+    normalized with log-softmax). ``mask`` (shape ``logits.shape[1:-1]``, true at real
+    tokens) leaves padding out of KL and TV. The sweep must include alpha = 0: it is the
+    base model every cost is measured from."""
     a = np.asarray(alphas, np.float64)
     e = np.asarray(effects, np.float64)
     logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1), np.float64)
@@ -196,8 +198,14 @@ def sweep_metrics(
     a, e, logp = a[order], e[order], logp[order]
     zero = int(np.flatnonzero(a == 0)[0])
     p0, p = np.exp(logp[zero]), np.exp(logp)
-    kl = np.where(p0 > 0, p0 * (logp[zero] - logp), 0.0).sum(-1).reshape(a.size, -1).mean(1)
-    tv = 0.5 * np.abs(p - p0).sum(-1).reshape(a.size, -1).mean(1)
+    positions = logp.shape[1:-1]
+    w = np.ones(positions) if mask is None else np.asarray(mask, np.float64)
+    if w.shape != positions or w.sum() == 0:
+        raise ValueError(f"mask must have shape logits.shape[1:-1] = {positions} and mark some tokens, got {w.shape}")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        kl_tok = np.where(p0 > 0, p0 * (logp[zero] - logp), 0.0).sum(-1)
+    kl = (kl_tok * w).reshape(a.size, -1).sum(1) / w.sum()
+    tv = (0.5 * np.abs(p - p0).sum(-1) * w).reshape(a.size, -1).sum(1) / w.sum()
     if a.size > 1 and np.ptp(a) > 0:
         slope, intercept = np.polyfit(a, e, 1)
         ss_tot = ((e - e.mean()) ** 2).sum()

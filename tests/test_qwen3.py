@@ -257,3 +257,16 @@ def test_old_style_rope_config(checkpoint, tmp_path):
     cfg["rope_scaling"] = None if params["rope_type"] == "default" else params
     (dst / "config.json").write_text(json.dumps(cfg))
     np.testing.assert_array_equal(_ours_logits(load_hf(dst)), _ours_logits(load_hf(path)))
+
+
+def test_finetune_example_reduces_loss():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "examples" / "finetune.py"
+    spec = importlib.util.spec_from_file_location("finetune_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    history = example.main(["--steps", "25", "--eval-every", "25", "--sample-tokens", "8", "--quiet"])
+    assert history["final_eval_loss"] < history["initial_eval_loss"] - 1.0, history
+    assert history["merge_max_abs_diff"] < 1e-3

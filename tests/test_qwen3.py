@@ -168,7 +168,7 @@ def test_name_mapping_round_trip(checkpoint):
     _, path, hf_model = checkpoint
     model = load_hf(path)
     hf_modules = dict(hf_model.named_modules())
-    ours = [".".join(map(str, p)) for p, m in nnx.iter_modules(model) if p and not isinstance(m, nnx.List)]
+    ours = [".".join(map(str, p)) for p, _ in nnx.iter_modules(model) if p]
     for p in ours:
         name = to_hf_name(p)
         assert name in hf_modules, (p, name)
@@ -249,7 +249,7 @@ def test_sharded_checkpoint_loads(checkpoint, tmp_path):
 
 def test_old_style_rope_config(checkpoint, tmp_path):
     """Files written by transformers 4.x carry ``rope_theta`` and ``rope_scaling`` (often null)."""
-    kind, path, _ = checkpoint
+    _, path, _ = checkpoint
     dst = _copy_ckpt(path, tmp_path)
     cfg = json.loads((dst / "config.json").read_text())
     params = cfg.pop("rope_parameters")

@@ -28,10 +28,10 @@ __all__ = ["load_hf", "to_hf_name", "from_hf_name", "hf_tensor_name"]
 
 # NNX module path <-> HF module name, for everything below the model root.
 _RENAMES = (("attn", "self_attn"), ("input_norm", "input_layernorm"), ("post_attn_norm", "post_attention_layernorm"))
-_NNX_RE = re.compile(r"^(embed|norm|lm_head|layers\.\d+(\.(attn|mlp|input_norm|post_attn_norm)(\.\w+)?)?)$")
+_NNX_RE = re.compile(r"^(embed|norm|lm_head|layers(\.\d+(\.(attn|mlp|input_norm|post_attn_norm)(\.\w+)?)?)?)$")
 _HF_RE = re.compile(
-    r"^(lm_head|model\.(embed_tokens|norm|layers\.\d+(\.(self_attn|mlp|input_layernorm|post_attention_layernorm)"
-    r"(\.\w+)?)?))$"
+    r"^(lm_head|model\.(embed_tokens|norm|layers(\.\d+(\.(self_attn|mlp|input_layernorm|post_attention_layernorm)"
+    r"(\.\w+)?)?)?))$"
 )
 _PARAM_NAMES = {"kernel": "weight", "embedding": "weight", "weight": "weight"}
 
@@ -89,7 +89,7 @@ def _read_tensors(path: Path) -> dict:
     tensors = {}
     for name in files:
         with safe_open(str(path / name), framework="flax") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            for key in f.keys():
                 tensors[key] = f.get_tensor(key)
     return tensors
 

@@ -66,7 +66,7 @@ class Attention(nnx.Module):
         self.k_proj = nnx.Einsum("BSD,DKH->BSKH", (d, k, h), **kw)
         self.v_proj = nnx.Einsum("BSD,DKH->BSKH", (d, k, h), **kw)
         self.o_proj = nnx.Einsum("BTNH,NHD->BTD", (n, h, d), **kw)
-        norm = lambda: RMSNorm(h, cfg.rms_eps, param_dtype=param_dtype)  # noqa: E731
+        norm = lambda: RMSNorm(h, cfg.rms_eps, param_dtype=param_dtype)
         self.q_norm = norm() if cfg.qk_norm else None
         self.k_norm = norm() if cfg.qk_norm else None
         self.n_kv_heads, self.head_dim = k, h

@@ -64,5 +64,7 @@ def load_tokenizer(path: str | Path) -> Any:
     try:
         from transformers import AutoTokenizer
     except ImportError as err:
-        raise ImportError("loading a checkpoint's tokenizer needs transformers (pip install lora_jax[interop])") from err
+        raise ImportError(
+            "loading a checkpoint's tokenizer needs transformers (pip install lora_jax[interop])"
+        ) from err
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

@@ -15,7 +15,7 @@ from lora_jax.surgery import (
     merge_adapters,
     set_alpha,
 )
-from lora_jax.variants import VARIANTS, LoRA, LoRAConfig
+from lora_jax.variants import VARIANTS, AntiPaSTO, AntiPaSTOConfig, DeltaS, LoRA, LoRAConfig, RotationParam
 from lora_jax.views import EinsumSpec, UnsupportedLayerError, ViewInfo, register_view, view_of
 
 __version__ = "0.1.0"
@@ -27,10 +27,14 @@ __all__ = [
     "AdapterState",
     "Alpha",
     "AlreadyAdaptedError",
+    "AntiPaSTO",
+    "AntiPaSTOConfig",
+    "DeltaS",
     "EinsumSpec",
     "LoRA",
     "LoRAConfig",
     "NoMatchError",
+    "RotationParam",
     "Rule",
     "Target",
     "UnsupportedLayerError",

@@ -37,7 +37,7 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
-from lora_jax import AdapterConfig, AdapterParam, LoRAConfig, Rule, VARIANTS, apply_adapters, set_alpha
+from lora_jax import AdapterConfig, AdapterParam, AntiPaSTOConfig, LoRAConfig, Rule, apply_adapters, set_alpha
 from lora_jax.models import ByteTokenizer, Qwen3, load_hf, load_tokenizer, tiny_config
 from lora_jax.steering import format_table, plot_sweep, sweep, sweep_metrics
 
@@ -92,7 +92,7 @@ def answer_logp(logits, batch):
     logp = jax.nn.log_softmax(logits[..., :-1, :].astype(jnp.float32), axis=-1)
     tok = jnp.broadcast_to(batch["tokens"][:, 1:], logp.shape[:-1])
     lp = jnp.take_along_axis(logp, tok[..., None], axis=-1)[..., 0]
-    m = batch["answer"][:, 1:]
+    m = jnp.broadcast_to(batch["answer"][:, 1:], lp.shape)
     return (lp * m).sum(-1) / m.sum(-1)
 
 
@@ -121,10 +121,10 @@ def steering_loss(model, batch, *, hidden_layer: int, margin: float, coh_frac: f
     p_ref = jax.nn.softmax(logits[0], axis=-1)
     entropy = -(p_ref * jax.nn.log_softmax(logits[0], axis=-1)).sum(-1)
     threshold = coh_frac * jnp.sqrt(entropy + 0.02)
-    tv = 0.5 * jnp.abs(jax.nn.softmax(logits[1:], axis=-1) - p_ref).sum(-1)  # (2, rows, T)
-    v = jax.nn.relu(tv - threshold)
+    tv = 0.5 * jnp.abs(jax.nn.softmax(logits[1:], axis=-1) - p_ref[None]).sum(-1)  # (2, rows, T)
+    v = jax.nn.relu(tv - threshold[None])
     penalty = jnp.log1p(50.0 * v) ** 2 + v
-    coherence = (penalty * batch["mask"]).sum() / (2 * batch["mask"].sum())
+    coherence = (penalty * batch["mask"][None]).sum() / (2 * batch["mask"].sum())
 
     # (3) monotonic ordering of the answer's chosen - rejected log-prob gap
     lp = answer_logp(logits, batch)
@@ -146,12 +146,10 @@ def build(args):
         model = Qwen3(tiny_config(tokenizer.vocab_size, n_layers=4), rngs=nnx.Rngs(args.seed))
     n_layers = len(model.layers)
     layers = tuple(range(int(0.1 * n_layers), max(n_layers // 2, 1)))  # the paper's [0.1 L, 0.5 L)
-    if args.variant == "lora":
-        variant = LoRAConfig(r=args.rank, lora_alpha=args.rank)
-    elif args.variant in VARIANTS:
-        variant = VARIANTS[args.variant](r=args.rank)
+    if args.variant == "antipasto":  # antipasto3's small delta_s init: +1 and -1 differ from step one
+        variant = AntiPaSTOConfig(r=args.rank, delta_s_init=4e-4)
     else:
-        raise ValueError(f"--variant {args.variant!r} is not one of {sorted(VARIANTS)}")
+        variant = LoRAConfig(r=args.rank, lora_alpha=args.rank)
     cfg = AdapterConfig(rules=(Rule(pattern=r"o_proj|down_proj", variant=variant, layers=layers),), seed=args.seed)
     return apply_adapters(model, cfg), tokenizer, layers[-1]
 
@@ -160,8 +158,8 @@ def run(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="local HF Qwen3 / Llama checkpoint dir (default: tiny random Qwen3)")
     ap.add_argument("--data", default=str(DATA))
-    ap.add_argument("--variant", default="lora", help="adapter variant (antipasto once available)")
-    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--variant", default="antipasto", choices=("antipasto", "lora"))
+    ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=16, help="pairs per step")
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -173,7 +171,7 @@ def run(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="a few steps, for CI")
     args = ap.parse_args(argv)
     if args.quick:
-        args.steps = min(args.steps, 60)
+        args.steps, args.batch = min(args.steps, 30), min(args.batch, 8)
 
     pairs = load_pairs(Path(args.data))
     rng = np.random.default_rng(args.seed)

@@ -134,6 +134,17 @@ def test_metrics_monotone_fraction_and_logits_input():
     assert m.kl[3] == pytest.approx(float(kl), rel=1e-5)
 
 
+def test_metrics_mask_leaves_padding_out():
+    logits = jax.random.normal(jax.random.key(1), (3, 2, 4, 7))
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], bool)
+    m = sweep_metrics([-1.0, 0.0, 1.0], [0.0, 0.0, 1.0], logits, mask=mask)
+    logp = np.asarray(jax.nn.log_softmax(logits), np.float64)
+    kl_tok = (np.exp(logp[1]) * (logp[1] - logp[2])).sum(-1)
+    assert m.kl[2] == pytest.approx(kl_tok[mask].mean(), rel=1e-6)
+    with pytest.raises(ValueError, match="mask must have shape"):
+        sweep_metrics([-1.0, 0.0, 1.0], [0.0, 0.0, 1.0], logits, mask=mask[:, :3])
+
+
 def test_metrics_errors():
     with pytest.raises(ValueError, match="include alpha=0"):
         sweep_metrics([1.0, 2.0], [0.0, 1.0], np.zeros((2, 3)))

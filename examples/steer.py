@@ -160,7 +160,7 @@ def run(argv=None) -> dict:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--variant", default="antipasto", choices=("antipasto", "lora"))
     ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=16, help="pairs per step")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--margin", type=float, default=0.5, help="nats per answer token")
@@ -193,6 +193,10 @@ def run(argv=None) -> dict:
         return loss, aux
 
     n_train, bsz = len(train_pairs), min(args.batch, len(train_pairs))
+    fixed = np.arange(bsz)  # a fixed batch, to compare the loss before and after training
+    fixed = {k: v[np.concatenate([fixed, fixed + n_train])] for k, v in train.items()}
+    fixed_loss = nnx.jit(lambda m, b: loss_fn(m, b)[0])
+    loss_before = float(fixed_loss(model, fixed))
     losses, t0 = [], time.perf_counter()
     bar = tqdm(range(args.steps), desc="train", disable=None)
     for i in bar:
@@ -204,6 +208,7 @@ def run(argv=None) -> dict:
         if i % 10 == 0 or i == args.steps - 1:
             bar.set_postfix({k: f"{float(v):.3f}" for k, v in {"loss": loss, **aux}.items()})
     train_s = time.perf_counter() - t0
+    loss_after = float(fixed_loss(model, fixed))
 
     # the sweep: held-out pairs, one forward pass with one alpha per row
     alphas = jnp.linspace(-2.0, 2.0, 9)
@@ -218,13 +223,11 @@ def run(argv=None) -> dict:
     metrics = sweep_metrics(alphas, effect, out["logits"], mask=held["mask"], kl_budget=args.kl_budget)
     os.makedirs(args.out, exist_ok=True)
     png = plot_sweep(metrics, os.path.join(args.out, "sweep.png"), title=f"{args.variant}: persona gap vs alpha")
-    print(
-        f"\ntrained {args.steps} steps in {train_s:.1f}s: loss {np.mean(losses[:5]):.4f} -> {np.mean(losses[-5:]):.4f}"
-    )
+    print(f"\ntrained {args.steps} steps in {train_s:.1f}s, fixed-batch loss {loss_before:.4f} -> {loss_after:.4f}")
     print("effect = mean log P(answer | honest) - log P(answer | dishonest) on held-out pairs\n")
     print(format_table(metrics))
     print(f"\nplot: {png}")
-    return {"losses": losses, "metrics": metrics, "png": png, "train_s": train_s}
+    return {"losses": losses, "loss_before": loss_before, "loss_after": loss_after, "metrics": metrics, "png": png}
 
 
 if __name__ == "__main__":

@@ -16,9 +16,8 @@ def _load_example():
 
 def test_steer_example_trains_a_monotone_steering_direction(tmp_path):
     result = _load_example().run(["--quick", "--out", str(tmp_path)])
-    losses = np.array(result["losses"])
-    assert np.isfinite(losses).all()
-    assert losses[-5:].mean() < 0.9 * losses[:5].mean()
+    assert np.isfinite(result["losses"]).all()
+    assert result["loss_after"] < 0.8 * result["loss_before"], (result["loss_before"], result["loss_after"])
     m = result["metrics"]
     # +1 was trained to raise the honest-minus-dishonest answer gap, -1 to lower it
     assert m.slope > 0

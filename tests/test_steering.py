@@ -158,3 +158,28 @@ def test_plot_writes_png(tmp_path):
     path = plot_sweep(m, str(tmp_path / "sweep.png"))
     data = open(path, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_sweep_modes_agree_on_qwen3_with_antipasto():
+    from lora_jax import AntiPaSTOConfig
+    from lora_jax.models import Qwen3, tiny_config
+
+    cfg = AdapterConfig(rules=(Rule(pattern="o_proj|down_proj", variant=AntiPaSTOConfig(r=8)),))
+    model = apply_adapters(Qwen3(tiny_config(n_layers=2), rngs=nnx.Rngs(0)), cfg)
+    for i, (_, adapter) in enumerate(iter_adapters(model)):  # rotations and shifts start at 0
+        adapter.rot_in.value = jax.random.normal(jax.random.key(i), adapter.rot_in.shape)
+        adapter.delta_s.value = 0.3 * jax.random.normal(jax.random.key(i + 10), adapter.delta_s.shape)
+    tokens = jax.random.randint(jax.random.key(3), (2, 6), 0, 259)
+    mask = jnp.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], bool)
+    fn = lambda m, b: m(b["tokens"], b["mask"])
+    alphas = jnp.array([-1.0, 0.0, 0.5, 1.0])
+    by_vmap = sweep(model, fn, alphas, inputs={"tokens": tokens, "mask": mask})
+    by_rows = sweep(model, fn, alphas, inputs={"tokens": tokens, "mask": mask}, mode="rows")
+    separate = []
+    for a in alphas:
+        m = nnx.clone(model)
+        set_alpha(m, a)
+        separate.append(m(tokens, mask))
+    np.testing.assert_allclose(by_vmap, jnp.stack(separate), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(by_rows, jnp.stack(separate), rtol=1e-4, atol=1e-4)
+    assert np.abs(separate[0] - separate[1]).max() > 1e-2  # the adapters do something

@@ -61,7 +61,9 @@ def encode(tokenizer, pairs: list[dict]) -> dict[str, np.ndarray]:
     the continuation's tokens; ``last3`` indexes each row's last 3 real tokens."""
     prompts = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
     answers = [p["continuation"] for p in pairs] * 2
-    enc = tokenizer([q + a for q, a in zip(prompts, answers, strict=True)], padding=True, return_tensors="np")
+    enc = tokenizer(
+        [q + a for q, a in zip(prompts, answers, strict=True)], padding=True, padding_side="right", return_tensors="np"
+    )
     mask = np.asarray(enc["attention_mask"], bool)
     n_prompt = np.array([len(tokenizer(q, return_tensors="np")["input_ids"][0]) for q in prompts])
     length = mask.sum(1)

@@ -188,34 +188,33 @@ def _copy_ckpt(path, tmp_path):
     return dst
 
 
-def test_missing_tensor_is_named(checkpoint, tmp_path):
+def _drop_up_proj(t):
+    del t["model.layers.1.mlp.up_proj.weight"]
+
+
+def _transpose_k_proj(t):  # same size, other shape: must still fail
+    t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"].T.contiguous()
+
+
+def _add_q_bias(t):
+    t["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+
+
+@pytest.mark.parametrize(
+    ("edit", "error", "message"),
+    [
+        (_drop_up_proj, KeyError, r"model\.layers\.1\.mlp\.up_proj\.weight.*missing"),
+        (_transpose_k_proj, ValueError, r"k_proj\.weight' has shape \(64, 32\).*implies \(32, 64\)"),
+        (_add_q_bias, ValueError, r"does not use: \['model\.layers\.0\.self_attn\.q_proj\.bias'\]"),
+    ],
+)
+def test_bad_tensors_are_named(checkpoint, tmp_path, edit, error, message):
     _, path, _ = checkpoint
     dst = _copy_ckpt(path, tmp_path)
     tensors = safetensors_torch.load_file(dst / "model.safetensors")
-    del tensors["model.layers.1.mlp.up_proj.weight"]
+    edit(tensors)
     safetensors_torch.save_file(tensors, dst / "model.safetensors")
-    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*missing"):
-        load_hf(dst)
-
-
-def test_wrong_shape_is_named(checkpoint, tmp_path):
-    _, path, _ = checkpoint
-    dst = _copy_ckpt(path, tmp_path)
-    tensors = safetensors_torch.load_file(dst / "model.safetensors")
-    name = "model.layers.0.self_attn.k_proj.weight"
-    tensors[name] = tensors[name].T.contiguous()  # same size, transposed: must still fail
-    safetensors_torch.save_file(tensors, dst / "model.safetensors")
-    with pytest.raises(ValueError, match=r"k_proj\.weight' has shape \(64, 32\).*implies \(32, 64\)"):
-        load_hf(dst)
-
-
-def test_unexpected_tensor_is_named(checkpoint, tmp_path):
-    _, path, _ = checkpoint
-    dst = _copy_ckpt(path, tmp_path)
-    tensors = safetensors_torch.load_file(dst / "model.safetensors")
-    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
-    safetensors_torch.save_file(tensors, dst / "model.safetensors")
-    with pytest.raises(ValueError, match=r"does not use: \['model\.layers\.0\.self_attn\.q_proj\.bias'\]"):
+    with pytest.raises(error, match=message):
         load_hf(dst)
 
 

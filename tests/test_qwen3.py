@@ -258,7 +258,7 @@ def test_old_style_rope_config(checkpoint, tmp_path):
     np.testing.assert_array_equal(_ours_logits(load_hf(dst)), _ours_logits(load_hf(path)))
 
 
-def test_finetune_example_reduces_loss():
+def _finetune_example():
     import importlib.util
     from pathlib import Path
 
@@ -266,6 +266,28 @@ def test_finetune_example_reduces_loss():
     spec = importlib.util.spec_from_file_location("finetune_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    history = example.main(["--steps", "25", "--eval-every", "25", "--sample-tokens", "8", "--quiet"])
+    return example
+
+
+def test_finetune_example_reduces_loss():
+    history = _finetune_example().main(["--steps", "25", "--eval-every", "25", "--sample-tokens", "8", "--quiet"])
     assert history["final_eval_loss"] < history["initial_eval_loss"] - 1.0, history
     assert history["merge_max_abs_diff"] < 1e-3
+
+
+def test_finetune_example_on_hf_checkpoint(checkpoint, tmp_path):
+    """``--model PATH`` loads the weights and the checkpoint's own tokenizer (character-level here)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    _, path, _ = checkpoint
+    dst = _copy_ckpt(path, tmp_path)
+    chars = sorted(set("".join(open(_finetune_example().CORPUS).read().split())))
+    vocab = {"<pad>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    assert len(vocab) <= COMMON["vocab_size"]
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(dst)
+    history = _finetune_example().main(
+        ["--model", str(dst), "--steps", "10", "--eval-every", "10", "--sample-tokens", "4", "--quiet"]
+    )
+    assert history["final_eval_loss"] < history["initial_eval_loss"], history

@@ -67,18 +67,21 @@ def _hf_positions(mask):
     return torch.from_numpy(np.maximum(np.cumsum(mask, axis=1) - 1, 0))
 
 
-@pytest.fixture(scope="module", params=sorted(HF_CONFIGS))
-def checkpoint(request, tmp_path_factory):
+def _write_checkpoint(kind, path):
     torch.manual_seed(0)
-    cfg = HF_CONFIGS[request.param]()
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    model = transformers.AutoModelForCausalLM.from_config(HF_CONFIGS[kind](), attn_implementation="eager").eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.3 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
-    return request.param, path, model
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(HF_CONFIGS))
+def checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    return request.param, path, _write_checkpoint(request.param, path)
 
 
 def _ours_logits(model, tokens=TOKENS, mask=MASK):
@@ -134,6 +137,17 @@ def test_right_padded_generation_equals_unpadded():
     together = np.asarray(generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=6))
     alone = np.asarray(generate(model, tok(["short"])["input_ids"], max_new_tokens=6))
     np.testing.assert_array_equal(together[1], alone[0])
+    # a row that emits eos continues with padding; the greedy tokens before it are unchanged
+    eos = int(together[0, 2])
+    stopped = np.asarray(
+        generate(
+            model, batch["input_ids"], batch["attention_mask"], max_new_tokens=6, eos_token_id=eos, pad_token_id=-1
+        )
+    )
+    for got, full in zip(stopped, together, strict=True):
+        cut = list(full).index(eos) + 1 if eos in full else len(full)
+        np.testing.assert_array_equal(got, np.concatenate([full[:cut], np.full(len(full) - cut, -1)]))
+    assert (stopped[0] == -1).any()
 
 
 def test_lora_matches_peft(checkpoint):
@@ -275,11 +289,11 @@ def test_finetune_example_reduces_loss():
     assert history["merge_max_abs_diff"] < 1e-3
 
 
-def test_finetune_example_on_hf_checkpoint(checkpoint, tmp_path):
+def test_finetune_example_on_hf_checkpoint(tmp_path):
     """``--model PATH`` loads the weights and the checkpoint's own tokenizer (character-level here)."""
     tokenizers = pytest.importorskip("tokenizers")
-    _, path, _ = checkpoint
-    dst = _copy_ckpt(path, tmp_path)
+    dst = tmp_path / "qwen3"
+    _write_checkpoint("qwen3", dst)
     chars = sorted(set("".join(open(_finetune_example().CORPUS).read().split())))
     vocab = {"<pad>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
     assert len(vocab) <= COMMON["vocab_size"]
@@ -288,6 +302,6 @@ def test_finetune_example_on_hf_checkpoint(checkpoint, tmp_path):
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
     fast.save_pretrained(dst)
     history = _finetune_example().main(
-        ["--model", str(dst), "--steps", "10", "--eval-every", "10", "--sample-tokens", "4", "--quiet"]
+        ["--model", str(dst), "--steps", "10", "--eval-every", "10", "--sample-tokens", "0", "--quiet"]
     )
     assert history["final_eval_loss"] < history["initial_eval_loss"], history

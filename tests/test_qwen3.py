@@ -67,18 +67,21 @@ def _hf_positions(mask):
     return torch.from_numpy(np.maximum(np.cumsum(mask, axis=1) - 1, 0))
 
 
-@pytest.fixture(scope="module", params=sorted(HF_CONFIGS))
-def checkpoint(request, tmp_path_factory):
+def _write_checkpoint(kind, path):
     torch.manual_seed(0)
-    cfg = HF_CONFIGS[request.param]()
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    model = transformers.AutoModelForCausalLM.from_config(HF_CONFIGS[kind](), attn_implementation="eager").eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.3 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
-    return request.param, path, model
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(HF_CONFIGS))
+def checkpoint(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    return request.param, path, _write_checkpoint(request.param, path)
 
 
 def _ours_logits(model, tokens=TOKENS, mask=MASK):
@@ -134,6 +137,17 @@ def test_right_padded_generation_equals_unpadded():
     together = np.asarray(generate(model, batch["input_ids"], batch["attention_mask"], max_new_tokens=6))
     alone = np.asarray(generate(model, tok(["short"])["input_ids"], max_new_tokens=6))
     np.testing.assert_array_equal(together[1], alone[0])
+    # a row that emits eos continues with padding; the greedy tokens before it are unchanged
+    eos = int(together[0, 2])
+    stopped = np.asarray(
+        generate(
+            model, batch["input_ids"], batch["attention_mask"], max_new_tokens=6, eos_token_id=eos, pad_token_id=-1
+        )
+    )
+    for got, full in zip(stopped, together, strict=True):
+        cut = list(full).index(eos) + 1 if eos in full else len(full)
+        np.testing.assert_array_equal(got, np.concatenate([full[:cut], np.full(len(full) - cut, -1)]))
+    assert (stopped[0] == -1).any()
 
 
 def test_lora_matches_peft(checkpoint):
@@ -188,34 +202,33 @@ def _copy_ckpt(path, tmp_path):
     return dst
 
 
-def test_missing_tensor_is_named(checkpoint, tmp_path):
+def _drop_up_proj(t):
+    del t["model.layers.1.mlp.up_proj.weight"]
+
+
+def _transpose_k_proj(t):  # same size, other shape: must still fail
+    t["model.layers.0.self_attn.k_proj.weight"] = t["model.layers.0.self_attn.k_proj.weight"].T.contiguous()
+
+
+def _add_q_bias(t):
+    t["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
+
+
+@pytest.mark.parametrize(
+    ("edit", "error", "message"),
+    [
+        (_drop_up_proj, KeyError, r"model\.layers\.1\.mlp\.up_proj\.weight.*missing"),
+        (_transpose_k_proj, ValueError, r"k_proj\.weight' has shape \(64, 32\).*implies \(32, 64\)"),
+        (_add_q_bias, ValueError, r"does not use: \['model\.layers\.0\.self_attn\.q_proj\.bias'\]"),
+    ],
+)
+def test_bad_tensors_are_named(checkpoint, tmp_path, edit, error, message):
     _, path, _ = checkpoint
     dst = _copy_ckpt(path, tmp_path)
     tensors = safetensors_torch.load_file(dst / "model.safetensors")
-    del tensors["model.layers.1.mlp.up_proj.weight"]
+    edit(tensors)
     safetensors_torch.save_file(tensors, dst / "model.safetensors")
-    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*missing"):
-        load_hf(dst)
-
-
-def test_wrong_shape_is_named(checkpoint, tmp_path):
-    _, path, _ = checkpoint
-    dst = _copy_ckpt(path, tmp_path)
-    tensors = safetensors_torch.load_file(dst / "model.safetensors")
-    name = "model.layers.0.self_attn.k_proj.weight"
-    tensors[name] = tensors[name].T.contiguous()  # same size, transposed: must still fail
-    safetensors_torch.save_file(tensors, dst / "model.safetensors")
-    with pytest.raises(ValueError, match=r"k_proj\.weight' has shape \(64, 32\).*implies \(32, 64\)"):
-        load_hf(dst)
-
-
-def test_unexpected_tensor_is_named(checkpoint, tmp_path):
-    _, path, _ = checkpoint
-    dst = _copy_ckpt(path, tmp_path)
-    tensors = safetensors_torch.load_file(dst / "model.safetensors")
-    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
-    safetensors_torch.save_file(tensors, dst / "model.safetensors")
-    with pytest.raises(ValueError, match=r"does not use: \['model\.layers\.0\.self_attn\.q_proj\.bias'\]"):
+    with pytest.raises(error, match=message):
         load_hf(dst)
 
 
@@ -259,7 +272,7 @@ def test_old_style_rope_config(checkpoint, tmp_path):
     np.testing.assert_array_equal(_ours_logits(load_hf(dst)), _ours_logits(load_hf(path)))
 
 
-def test_finetune_example_reduces_loss():
+def _finetune_example():
     import importlib.util
     from pathlib import Path
 
@@ -267,6 +280,28 @@ def test_finetune_example_reduces_loss():
     spec = importlib.util.spec_from_file_location("finetune_example", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    history = example.main(["--steps", "25", "--eval-every", "25", "--sample-tokens", "8", "--quiet"])
+    return example
+
+
+def test_finetune_example_reduces_loss():
+    history = _finetune_example().main(["--steps", "25", "--eval-every", "25", "--sample-tokens", "8", "--quiet"])
     assert history["final_eval_loss"] < history["initial_eval_loss"] - 1.0, history
     assert history["merge_max_abs_diff"] < 1e-3
+
+
+def test_finetune_example_on_hf_checkpoint(tmp_path):
+    """``--model PATH`` loads the weights and the checkpoint's own tokenizer (character-level here)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    dst = tmp_path / "qwen3"
+    _write_checkpoint("qwen3", dst)
+    chars = sorted(set("".join(open(_finetune_example().CORPUS).read().split())))
+    vocab = {"<pad>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    assert len(vocab) <= COMMON["vocab_size"]
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+    fast.save_pretrained(dst)
+    history = _finetune_example().main(
+        ["--model", str(dst), "--steps", "10", "--eval-every", "10", "--sample-tokens", "0", "--quiet"]
+    )
+    assert history["final_eval_loss"] < history["initial_eval_loss"], history

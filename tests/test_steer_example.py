@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 
 def _load_example():
@@ -24,3 +25,25 @@ def test_steer_example_trains_a_monotone_steering_direction(tmp_path):
     assert m.monotone_frac == 1.0 and m.spearman == 1.0
     assert m.effect[m.alphas == 1.0] > m.effect[m.alphas == 0.0] > m.effect[m.alphas == -1.0]
     assert Path(result["png"]).stat().st_size > 5000
+
+
+def test_steer_example_on_hf_checkpoint(tmp_path):
+    """``--model PATH``: HF weights and the checkpoint's own tokenizer (character-level here)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    import transformers
+    from test_qwen3 import COMMON, _write_checkpoint
+
+    example = _load_example()
+    dst = tmp_path / "qwen3"
+    _write_checkpoint("qwen3", dst)
+    text = "".join(p[k] for p in example.load_pairs(example.DATA) for k in ("chosen", "rejected", "continuation"))
+    vocab = {"<pad>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(sorted(set(text) - set(" \n")))}}
+    assert len(vocab) <= COMMON["vocab_size"]
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>").save_pretrained(
+        dst
+    )
+    result = example.run(["--model", str(dst), "--steps", "3", "--batch", "4", "--out", str(tmp_path / "out")])
+    assert np.isfinite(result["losses"]).all()
+    assert np.isfinite(result["metrics"].kl).all() and result["metrics"].kl[result["metrics"].alphas == 0] == 0

@@ -1,6 +1,6 @@
 """Train a bidirectional steering adapter on contrastive persona pairs, then sweep it.
 
-    PYTHONPATH=$PWD python examples/steer.py                  # tiny random Qwen3 (~1 min, 2 CPU cores)
+    PYTHONPATH=$PWD python examples/steer.py                  # tiny random Qwen3, AntiPaSTO
     PYTHONPATH=$PWD python examples/steer.py --quick          # CI-sized
     PYTHONPATH=$PWD python examples/steer.py --model ~/models/Qwen3-0.6B --steps 200
 
@@ -15,7 +15,11 @@ row: the reference (alpha=0, the base model, no gradient), alpha=+1 and alpha=-1
 - coherence barrier: per-token total variation from the reference distribution above
   ``coh_frac * sqrt(entropy + 0.02)`` is penalised with ``log1p(50 v)^2 + v``;
 - monotonic ordering: the chosen-minus-rejected log-prob gap of the answer must rise by
-  ``margin`` at +1 and fall by ``margin`` at -1 (a hinge on both).
+  ``margin`` at +1 and fall by ``margin`` at -1 (a hinge on both, weight ``--mono-weight``:
+  at weight 1 the projection term dominates and the gap barely moves on the tiny model).
+
+After training, one ``sweep`` (per-row alpha, one forward pass) over alpha in [-2, 2]
+on held-out pairs and on as many training pairs; ``sweep_metrics`` table and a PNG plot.
 
 The tiny model is random, so the run shows the mechanics, not honesty; pass ``--model``
 with a local Qwen3 / Llama checkpoint for a real one.
@@ -103,7 +107,7 @@ def _cos(a, b, eps=1e-6):
     return (a * b).sum(-1) / jnp.sqrt(((a * a).sum(-1) + eps) * ((b * b).sum(-1) + eps))
 
 
-def steering_loss(model, batch, *, hidden_layer: int, margin: float, coh_frac: float):
+def steering_loss(model, batch, *, hidden_layer: int, margin: float, coh_frac: float, mono_weight: float = 1.0):
     rows, n_pairs = batch["tokens"].shape[0], batch["tokens"].shape[0] // 2
     tiled = {k: jnp.tile(v, (3,) + (1,) * (v.ndim - 1)) for k, v in batch.items()}
     alphas = jnp.repeat(jnp.array(PASS_ALPHAS, jnp.float32), rows)
@@ -134,7 +138,7 @@ def steering_loss(model, batch, *, hidden_layer: int, margin: float, coh_frac: f
     up, down = gap[1] - gap[0], gap[2] - gap[0]
     mono = (jax.nn.relu(margin - up) + jax.nn.relu(margin + down)).mean()
 
-    loss = proj + coherence + mono
+    loss = proj + coherence + mono_weight * mono
     return loss, {"proj": proj, "coh": coherence, "mono": mono, "tv": tv.mean(), "gap+": up.mean(), "gap-": down.mean()}
 
 
@@ -149,7 +153,7 @@ def build(args):
     n_layers = len(model.layers)
     layers = tuple(range(int(0.1 * n_layers), max(n_layers // 2, 1)))  # the paper's [0.1 L, 0.5 L)
     if args.variant == "antipasto":  # antipasto3's small delta_s init: +1 and -1 differ from step one
-        variant = AntiPaSTOConfig(r=args.rank, delta_s_init=4e-4)
+        variant = AntiPaSTOConfig(r=args.rank, block_size=args.block_size, delta_s_init=4e-4)
     else:
         variant = LoRAConfig(r=args.rank, lora_alpha=args.rank)
     cfg = AdapterConfig(rules=(Rule(pattern=r"o_proj|down_proj", variant=variant, layers=layers),), seed=args.seed)
@@ -162,18 +166,20 @@ def run(argv=None) -> dict:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--variant", default="antipasto", choices=("antipasto", "lora"))
     ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--block-size", type=int, default=4, help="AntiPaSTO rotation block size")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=16, help="pairs per step")
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=1e-2, help="the paper used 2e-3 on real models")
     ap.add_argument("--margin", type=float, default=0.5, help="nats per answer token")
     ap.add_argument("--coh-frac", type=float, default=0.3)
+    ap.add_argument("--mono-weight", type=float, default=10.0, help="weight of the ordering hinge")
     ap.add_argument("--kl-budget", type=float, default=0.05)
     ap.add_argument("--out", default="steer_out")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a few steps, for CI")
     args = ap.parse_args(argv)
     if args.quick:
-        args.steps, args.batch = min(args.steps, 30), min(args.batch, 8)
+        args.steps, args.batch = min(args.steps, 40), min(args.batch, 8)
 
     pairs = load_pairs(Path(args.data))
     rng = np.random.default_rng(args.seed)
@@ -182,10 +188,17 @@ def run(argv=None) -> dict:
     eval_pairs, train_pairs = [pairs[i] for i in order[:n_eval]], [pairs[i] for i in order[n_eval:]]
     model, tokenizer, hidden_layer = build(args)
     train = {k: jnp.asarray(v) for k, v in encode(tokenizer, train_pairs).items()}
-    held = {k: jnp.asarray(v) for k, v in encode(tokenizer, eval_pairs).items()}
+    # swept after training: the held-out pairs, then as many training pairs for comparison
+    probe = {k: jnp.asarray(v) for k, v in encode(tokenizer, eval_pairs + train_pairs[:n_eval]).items()}
 
     optimizer = nnx.Optimizer(model, optax.adamw(args.lr), wrt=AdapterParam)
-    loss_fn = functools.partial(steering_loss, hidden_layer=hidden_layer, margin=args.margin, coh_frac=args.coh_frac)
+    loss_fn = functools.partial(
+        steering_loss,
+        hidden_layer=hidden_layer,
+        margin=args.margin,
+        coh_frac=args.coh_frac,
+        mono_weight=args.mono_weight,
+    )
 
     @nnx.jit
     def step(model, optimizer, batch):
@@ -212,22 +225,29 @@ def run(argv=None) -> dict:
     train_s = time.perf_counter() - t0
     loss_after = float(fixed_loss(model, fixed))
 
-    # the sweep: held-out pairs, one forward pass with one alpha per row
+    # the sweep: one forward pass, one alpha per row
     alphas = jnp.linspace(-2.0, 2.0, 9)
 
     def evaluate(m, batch):
         logits = m(batch["tokens"], batch["mask"])
         return {"lp": answer_logp(logits, batch), "logits": logits}
 
-    out = sweep(model, evaluate, alphas, inputs=held, mode="rows")
-    n_eval = len(eval_pairs)
-    effect = out["lp"][:, :n_eval] - out["lp"][:, n_eval:]  # answer log-prob gap, chosen - rejected
-    metrics = sweep_metrics(alphas, effect, out["logits"], mask=held["mask"], kl_budget=args.kl_budget)
+    out = sweep(model, evaluate, alphas, inputs=probe, mode="rows")
+    chosen, rejected = np.arange(n_eval), np.arange(n_eval) + 2 * n_eval  # probe rows of the held-out pairs
+    metrics = {}
+    for name, offset in (("held-out", 0), ("train", n_eval)):
+        effect = out["lp"][:, chosen + offset] - out["lp"][:, rejected + offset]
+        rows = np.concatenate([chosen, rejected]) + offset
+        logits, mask = out["logits"][:, rows], probe["mask"][rows]
+        metrics[name] = sweep_metrics(alphas, effect, logits, mask=mask, kl_budget=args.kl_budget)
     os.makedirs(args.out, exist_ok=True)
-    png = plot_sweep(metrics, os.path.join(args.out, "sweep.png"), title=f"{args.variant}: persona gap vs alpha")
+    title = f"{args.variant}: honest - dishonest answer log-prob, held-out pairs"
+    png = plot_sweep(metrics["held-out"], os.path.join(args.out, "sweep.png"), title=title)
     print(f"\ntrained {args.steps} steps in {train_s:.1f}s, fixed-batch loss {loss_before:.4f} -> {loss_after:.4f}")
-    print("effect = mean log P(answer | honest) - log P(answer | dishonest) on held-out pairs\n")
-    print(format_table(metrics))
+    print("effect = mean log P(answer | honest prompt) - log P(answer | dishonest prompt), per answer token\n")
+    print(f"held-out pairs ({n_eval}):\n{format_table(metrics['held-out'])}")
+    t = metrics["train"]
+    print(f"\ntraining pairs ({n_eval}): slope {t.slope:+.4g}, R² {t.r2:.3f}, monotone steps {t.monotone_frac:.0%}")
     print(f"\nplot: {png}")
     return {"losses": losses, "loss_before": loss_before, "loss_after": loss_after, "metrics": metrics, "png": png}
 

@@ -18,12 +18,14 @@ def _load_example():
 def test_steer_example_trains_a_monotone_steering_direction(tmp_path):
     result = _load_example().run(["--quick", "--out", str(tmp_path)])
     assert np.isfinite(result["losses"]).all()
-    assert result["loss_after"] < 0.8 * result["loss_before"], (result["loss_before"], result["loss_after"])
-    m = result["metrics"]
-    # +1 was trained to raise the honest-minus-dishonest answer gap, -1 to lower it
-    assert m.slope > 0
-    assert m.monotone_frac == 1.0 and m.spearman == 1.0
-    assert m.effect[m.alphas == 1.0] > m.effect[m.alphas == 0.0] > m.effect[m.alphas == -1.0]
+    assert result["loss_after"] < 0.95 * result["loss_before"], (result["loss_before"], result["loss_after"])
+    for name in ("held-out", "train"):
+        m = result["metrics"][name]
+        # +1 was trained to raise the honest-minus-dishonest answer gap, -1 to lower it: monotone
+        # over the trained range [-1, 1]; beyond it the effect may saturate
+        trained = np.abs(m.alphas) <= 1.0
+        assert (np.diff(m.effect[trained]) > 0).all(), (name, m.alphas, m.effect)
+        assert m.slope > 0 and m.spearman > 0.9, (name, m.slope, m.spearman)
     assert Path(result["png"]).stat().st_size > 5000
 
 
@@ -46,4 +48,5 @@ def test_steer_example_on_hf_checkpoint(tmp_path):
     )
     result = example.run(["--model", str(dst), "--steps", "3", "--batch", "4", "--out", str(tmp_path / "out")])
     assert np.isfinite(result["losses"]).all()
-    assert np.isfinite(result["metrics"].kl).all() and result["metrics"].kl[result["metrics"].alphas == 0] == 0
+    m = result["metrics"]["held-out"]
+    assert np.isfinite(m.kl).all() and m.kl[m.alphas == 0] == 0

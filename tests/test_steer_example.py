@@ -1,6 +1,7 @@
 """examples/steer.py in quick mode: the steering objective trains and the sweep is monotone."""
 
-import importlib.util
+import runpy
+import types
 from pathlib import Path
 
 import numpy as np
@@ -8,11 +9,7 @@ import pytest
 
 
 def _load_example():
-    path = Path(__file__).parents[1] / "examples" / "steer.py"
-    spec = importlib.util.spec_from_file_location("steer_example", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return types.SimpleNamespace(**runpy.run_path(str(Path(__file__).parents[1] / "examples" / "steer.py")))
 
 
 def test_steer_example_trains_a_monotone_steering_direction(tmp_path):

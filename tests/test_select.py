@@ -1,0 +1,122 @@
+"""Dimension selection on synthetic data with planted directions."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lora_jax import AdapterConfig, AntiPaSTOConfig, Rule, apply_adapters, iter_adapters, merge_adapters, set_alpha
+from lora_jax.select import (
+    full_svd,
+    l1_trip,
+    polarity_interleave,
+    projection_stats,
+    rebase,
+    top_indices,
+    wanda_scores,
+)
+
+D, K = 24, 24
+
+
+def planted_svd(batch=(), seed=0):
+    """Orthonormal U (D, K), singular values 12, 11, ..., 1 (largest first)."""
+    q, _ = jnp.linalg.qr(jax.random.normal(jax.random.key(seed), (*batch, D, K)))
+    s = jnp.broadcast_to(jnp.arange(K, 0, -1, dtype=jnp.float32) / 2, (*batch, K))
+    return q, s
+
+
+def rows_along(u, weights, n=64, noise=0.05, seed=1):
+    """Rows = small noise + sum_j weights[j] * (1 + |N(0,1)|) * u_j (signed weights)."""
+    key_noise, key_amp = jax.random.split(jax.random.key(seed))
+    shape = (*u.shape[:-2], n)
+    x = noise * jax.random.normal(key_noise, (*shape, D))
+    amp = 1.0 + jnp.abs(jax.random.normal(key_amp, (*shape, 1)))
+    for j, w in weights.items():
+        x = x + w * amp * u[..., None, :, j]
+    return x
+
+
+def test_wanda_picks_a_planted_low_singular_direction():
+    u, s = planted_svd()
+    planted = 20  # S = 2.0, far outside the top 4 by S
+    stats = projection_stats(rows_along(u, {planted: 3.0}), u)
+    picked = top_indices(wanda_scores(stats, s), 4)
+    assert planted in np.asarray(picked).tolist()
+    assert planted not in np.asarray(top_indices(s, 4)).tolist()
+
+
+def test_projection_stats_stream_and_mask():
+    u, _ = planted_svd()
+    x = rows_along(u, {3: 1.0}, n=10)
+    whole = projection_stats(x, u)
+    halves = projection_stats(x[:6], u) + projection_stats(x[6:], u)
+    np.testing.assert_allclose(whole.abs_sum, halves.abs_sum, rtol=1e-5)
+    padded = jnp.concatenate([x, 100.0 * jnp.ones((3, D))])
+    masked = projection_stats(padded, u, mask=jnp.concatenate([jnp.ones(10), jnp.zeros(3)]))
+    np.testing.assert_allclose(masked.mean_abs, whole.mean_abs, rtol=1e-5)
+    assert float(masked.count) == 10.0
+
+
+def test_l1_trip_picks_contrastive_dims_in_each_batch_matrix():
+    """Per kernel-batch index: dim 18 is +/- between chosen and rejected (diff > 0), dim
+    21 the other way round, dim 2 is shared (large |proj| on both sides, no diff)."""
+    u, s = planted_svd(batch=(2,))
+    chosen = rows_along(u, {18: 2.0, 21: -1.0, 2: 1.0}, seed=3)
+    rejected = rows_along(u, {18: -2.0, 21: 1.0, 2: 1.0}, seed=4)
+    c, r = projection_stats(chosen, u), projection_stats(rejected, u)
+    picked = np.asarray(l1_trip(c, r, s, 6))
+    assert picked.shape == (2, 6)
+    for row in picked:
+        assert {18, 21, 2} <= set(row.tolist())
+        assert len(set(row.tolist())) == 6 and list(row) == sorted(row)
+    # without the contrast, 18 and 21 do not make the top 6 by S
+    assert not {18, 21} & set(np.asarray(top_indices(s, 6)).ravel().tolist())
+
+
+def test_polarity_interleave_alternates():
+    diff = jnp.array([0.5, -0.2, 0.3, 0.1, -0.7, -0.1, 0.9, 0.0])
+    indices = jnp.array([0, 2, 3, 6, 7, 1, 4, 5])  # 5 non-negative, 3 negative
+    out = np.asarray(polarity_interleave(indices, diff))
+    signs = np.asarray(diff)[out] >= 0
+    assert sorted(out.tolist()) == sorted(np.asarray(indices).tolist())
+    assert signs[:6].tolist() == [True, False] * 3
+    assert out.tolist() == [0, 1, 2, 4, 3, 5, 6, 7]
+
+
+class Host(nnx.Module):
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __call__(self, x):
+        return self.layer(x)
+
+
+def test_rebase_selects_dims_and_keeps_the_adapter_exact():
+    key_k, key_x = jax.random.split(jax.random.key(0))
+    layer = nnx.Einsum("EBD,EDF->EBF", (2, 16, 12), rngs=nnx.Rngs(0))
+    host = Host(layer)
+    x = jax.random.normal(key_x, (2, 5, 16))
+    variant = AntiPaSTOConfig(r=4, block_size=2, rotate="both", delta_s_init=0.1)
+    model = apply_adapters(host, AdapterConfig(rules=(Rule(pattern="layer", variant=variant),)))
+    [(_, adapter)] = list(iter_adapters(model))
+    u, s, vh = full_svd(adapter)
+    indices = jnp.array([[9, 2, 11, 5], [0, 7, 3, 10]])
+    rebase(adapter, indices)
+    np.testing.assert_array_equal(adapter.indices[...], indices)
+    np.testing.assert_allclose(adapter.u[...][1, :, 1], u[1, :, 7], atol=1e-6)
+    np.testing.assert_allclose(adapter.s[...][0], s[0][np.array([9, 2, 11, 5])], atol=1e-6)
+    np.testing.assert_allclose(adapter.vh[...][0, 3], vh[0, 5], atol=1e-6)
+    adapter.rot_in.value = 0.4 * jnp.ones_like(adapter.rot_in[...])
+    np.testing.assert_allclose(merge_adapters(model)(x), model(x), atol=1e-5)
+    set_alpha(model, 0.0)
+    np.testing.assert_array_equal(model(x), host(x))
+    with pytest.raises(ValueError, match="repeat a singular dim"):
+        rebase(adapter, jnp.array([[1, 1, 2, 3], [0, 1, 2, 3]]))
+    with pytest.raises(ValueError, match="the adapter needs"):
+        rebase(adapter, jnp.array([1, 2, 3, 4]))
+    with pytest.raises(ValueError, match=r"must lie in \[0, 12\)"):
+        rebase(adapter, jnp.array([[1, 2, 3, 12], [0, 1, 2, 3]]))

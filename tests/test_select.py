@@ -96,7 +96,7 @@ class Host(nnx.Module):
 
 
 def test_rebase_selects_dims_and_keeps_the_adapter_exact():
-    key_k, key_x = jax.random.split(jax.random.key(0))
+    key_x = jax.random.key(1)
     layer = nnx.Einsum("EBD,EDF->EBF", (2, 16, 12), rngs=nnx.Rngs(0))
     host = Host(layer)
     x = jax.random.normal(key_x, (2, 5, 16))

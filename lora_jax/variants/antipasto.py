@@ -20,9 +20,11 @@ Runtime alpha is ``a``: it scales the rotation generator and the shift together.
 R(-a) = R(a)^-1 exactly; the shift is additive, so S + a d and S - a d average to S.
 A per-row alpha (shape (batch,)) builds one rotation per row.
 
-Delta form, not a W_res copy: no second (d_in, d_out) kernel, the base keeps its dtype,
-bias and sharding. Cost (benchmarks/antipasto_forms.py, CPU, 256x4096 @ 1024x1024,
-r=64, bs=4, jit): delta 1.05x the time of the W_res form, and half its kernel memory.
+Delta form, not W_res: no second (d_in, d_out) kernel, the base keeps its dtype, bias
+and sharding, alpha=0 is exact. Same matmul FLOPs as ``x W_res + (x U R) S' Vh``; the
+extra rank-space elementwise ops cost 1.02-1.12x its time (benchmarks/antipasto_forms.py,
+CPU, 2048x1024 @ 1024x1024 r=64 and 512x512 @ 512x512 r=32, bs=4) and save W_res's
+4 MiB (d=1024, fp32) per layer.
 
 Checked against a float64 numpy dense reference W_res + U R(a) diag(S + a d) Vh
 (tests/test_antipasto.py). Dims other than the top r: lora_jax/select.py.

@@ -6,28 +6,27 @@ Clark 2026, https://arxiv.org/abs/2601.07473 (code: github.com/wassname/AntiPaST
     y = base(x) + [h (R_in - I) S' + h diag(a d) + g S' (R_out^T - I)] Vh,
         h = x U, g = h R_in, S' = diag(S + a d)
 
-``R(a)`` is block-diagonal Cayley (lora_jax/rotations.py), angles soft-bounded by
-``max_angle``; ``d`` is ``delta_s`` (:class:`DeltaS`), the rotations are
-:class:`RotationParam`, so ``optax.multi_transform`` can give them different learning
-rates. ``rotate`` picks the input basis U (default), the output basis Vh, both or none.
+R(a) is block-diagonal Cayley (lora_jax/rotations.py) with angles soft-bounded by
+``max_angle``; ``rotate`` picks the input basis U (default), the output basis Vh, both or
+none. ``d`` (:class:`DeltaS`) and the rotations (:class:`RotationParam`) are distinct
+types, so ``optax.multi_transform`` can give them their own learning rates.
 
-Identity at t=0: rotation parameters are 0 (R = I); delta_s starts at
-``delta_s_init`` (0: exact identity; antipasto3 used 4e-4, a small bias that makes the
-+1 and -1 passes differ from the first step). Every term above is an exact zero at
-a = 0, so alpha = 0 is the base bit for bit.
+Identity at t=0: rotation parameters are 0 (R = I) and d = ``delta_s_init`` (0: exact;
+antipasto3 used 4e-4 so the +1 and -1 passes differ from the first step).
 
-Runtime alpha is ``a``: it scales the rotation generator and the shift together.
-R(-a) = R(a)^-1 exactly; the shift is additive, so S + a d and S - a d average to S.
-A per-row alpha (shape (batch,)) builds one rotation per row.
+Runtime alpha is ``a``: it scales the rotation generator and the shift together. Each
+term above is an exact zero at a = 0 (the base bit for bit). R(-a) = R(a)^-1 exactly,
+so with d = 0 the rotation at -a undoes the one at +a; a shift d != 0 is additive
+(S + ad and S - ad average to S) and survives that undo as U diag(ad) Vh. Per-row alpha
+(shape (batch,)) builds one rotation per row.
 
-Delta form, not W_res: no second (d_in, d_out) kernel, the base keeps its dtype, bias
-and sharding, alpha=0 is exact. Same matmul FLOPs as ``x W_res + (x U R) S' Vh``; the
-extra rank-space elementwise ops cost 1.02-1.12x its time (benchmarks/antipasto_forms.py,
-CPU, 2048x1024 @ 1024x1024 r=64 and 512x512 @ 512x512 r=32, bs=4) and save W_res's
-4 MiB (d=1024, fp32) per layer.
+Delta form, not W_res: no second (d_in, d_out) kernel; the base keeps its dtype, bias and
+sharding. Same matmul FLOPs as ``x W_res + (x U R) S' Vh``; its rank-space elementwise
+ops cost 1.02-1.12x the W_res form's time (benchmarks/antipasto_forms.py, CPU, 2048 rows
+at d=1024 r=64 and 512 rows at d=512 r=32, bs=4) and save W_res's 4 MiB per d=1024 layer.
 
-Checked against a float64 numpy dense reference W_res + U R(a) diag(S + a d) Vh
-(tests/test_antipasto.py). Dims other than the top r: lora_jax/select.py.
+Checked against a float64 numpy dense W_res + U R_in diag(S + ad) R_out^T Vh
+(tests/test_antipasto.py). Data-driven dims instead of the top r: lora_jax/select.py.
 """
 
 from __future__ import annotations
@@ -117,12 +116,9 @@ class AntiPaSTO(Adapter):
         """``h @ blockdiag(delta)`` in the rank-space layout (rank axis last)."""
         lay, batch = self.spec.layout(ndim), self.spec.batch
         n, i, j = [c for c in string.ascii_letters if c not in lay.hidden][:3]
-        rows = lay.lhs[0] if delta.ndim > len(batch) + 3 else ""
-        bs = delta.shape[-1]
-        blocks = h.reshape(*h.shape[:-1], h.shape[-1] // bs, bs)
-        free = lay.hidden[:-1]
-        out = jnp.einsum(f"{free}{n}{i},{rows}{batch}{n}{i}{j}->{free}{n}{j}", blocks, delta)
-        return out.reshape(h.shape)
+        rows, free = (lay.lhs[0] if delta.ndim > len(batch) + 3 else ""), lay.hidden[:-1]
+        blocks = h.reshape(*h.shape[:-1], -1, delta.shape[-1])
+        return jnp.einsum(f"{free}{n}{i},{rows}{batch}{n}{i}{j}->{free}{n}{j}", blocks, delta).reshape(h.shape)
 
     def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:
         y = call_base(x)

@@ -44,6 +44,7 @@ class Case:
 CASES: dict[str, Case] = {
     "lora": Case(lj.LoRAConfig(r=4, lora_alpha=8), zero_grad_at_init=("lora_a",)),
     "rslora": Case(lj.LoRAConfig(r=4, lora_alpha=8, rslora=True), zero_grad_at_init=("lora_a",)),
+    "antipasto": Case(lj.AntiPaSTOConfig(r=4, block_size=2, rotate="both")),
 }
 
 

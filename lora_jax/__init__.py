@@ -15,7 +15,20 @@ from lora_jax.surgery import (
     merge_adapters,
     set_alpha,
 )
-from lora_jax.variants import VARIANTS, LoRA, LoRAConfig
+from lora_jax.variants import (
+    VARIANTS,
+    DeLoRA,
+    DeLoRAConfig,
+    DoRA,
+    DoRAConfig,
+    LoRA,
+    LoRAConfig,
+    OLoRA,
+    OLoRAConfig,
+    PiSSA,
+    PiSSAConfig,
+    to_lora,
+)
 from lora_jax.views import EinsumSpec, UnsupportedLayerError, ViewInfo, register_view, view_of
 
 __version__ = "0.1.0"
@@ -27,10 +40,18 @@ __all__ = [
     "AdapterState",
     "Alpha",
     "AlreadyAdaptedError",
+    "DeLoRA",
+    "DeLoRAConfig",
+    "DoRA",
+    "DoRAConfig",
     "EinsumSpec",
     "LoRA",
     "LoRAConfig",
     "NoMatchError",
+    "OLoRA",
+    "OLoRAConfig",
+    "PiSSA",
+    "PiSSAConfig",
     "Rule",
     "Target",
     "UnsupportedLayerError",
@@ -43,5 +64,6 @@ __all__ = [
     "merge_adapters",
     "register_view",
     "set_alpha",
+    "to_lora",
     "view_of",
 ]

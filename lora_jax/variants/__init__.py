@@ -2,8 +2,27 @@
 written out here, not filled by import side effects, so the list is one place to read."""
 
 from lora_jax.adapter import VariantConfig
+from lora_jax.variants.delora import DeLoRA, DeLoRAConfig
+from lora_jax.variants.dora import DoRA, DoRAConfig
 from lora_jax.variants.lora import LoRA, LoRAConfig
+from lora_jax.variants.olora import OLoRA, OLoRAConfig
+from lora_jax.variants.pissa import PiSSA, PiSSAConfig, to_lora
 
-VARIANTS: dict[str, type[VariantConfig]] = {cls.name: cls for cls in (LoRAConfig,)}
+VARIANTS: dict[str, type[VariantConfig]] = {
+    cls.name: cls for cls in (LoRAConfig, PiSSAConfig, OLoRAConfig, DoRAConfig, DeLoRAConfig)
+}
 
-__all__ = ["VARIANTS", "LoRA", "LoRAConfig"]
+__all__ = [
+    "VARIANTS",
+    "DeLoRA",
+    "DeLoRAConfig",
+    "DoRA",
+    "DoRAConfig",
+    "LoRA",
+    "LoRAConfig",
+    "OLoRA",
+    "OLoRAConfig",
+    "PiSSA",
+    "PiSSAConfig",
+    "to_lora",
+]

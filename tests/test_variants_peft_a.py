@@ -174,3 +174,120 @@ def test_bad_options():
         PiSSAConfig(niter=-1)
     with pytest.raises(ValueError, match=r"delora: dropout=1.0 must be in \[0, 1\)"):
         DeLoRAConfig(dropout=1.0)
+
+
+# -- parity with PEFT (torch CPU, fp32, nn.Linear(16, 12) with bias) ---------------------
+class TorchNet(torch.nn.Module):
+    def __init__(self, layer: nnx.Linear):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 12)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.from_numpy(np.asarray(layer.kernel[...]).T.copy()))
+            self.proj.bias.copy_(torch.from_numpy(np.asarray(layer.bias[...]).copy()))
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def t2j(t):
+    return jnp.asarray(t.detach().numpy())
+
+
+def j2t(a):
+    return torch.from_numpy(np.array(a))
+
+
+def peft_pair(peft_config, variant):
+    """The same nnx.Linear under our adapter and under PEFT."""
+    import peft
+
+    layer, x = LAYOUTS[0].build(seed=3)
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(TorchNet(layer), peft_config).base_model.model.proj
+    return adapt(layer, variant), theirs, x
+
+
+def set_random(ours, theirs, names, seed=5):
+    """Copy the same non-identity weights into both: ``names`` maps our Variable to PEFT's tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    for ours_name, get in names.items():
+        tensor = get(theirs)
+        with torch.no_grad():
+            tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.3 + (1.0 if "magnitude" in ours_name else 0.0))
+        value = t2j(tensor)
+        var = getattr(ours, ours_name)
+        var.value = value.T if value.ndim == 2 else value.reshape(var.shape)
+
+
+def check_forward_and_merge(model, theirs, x):
+    y_theirs = theirs(j2t(x))
+    assert rel_err(model(x), t2j(y_theirs)) < 1e-5
+    merged = merge_adapters(model).layer.kernel[...]
+    theirs.merge()
+    assert rel_err(merged, t2j(theirs.base_layer.weight).T) < 1e-5
+    return y_theirs
+
+
+LORA_WEIGHTS = {"lora_a": lambda m: m.lora_A["default"].weight, "lora_b": lambda m: m.lora_B["default"].weight}
+
+
+@pytest.mark.parametrize(("init", "variant"), [("pissa", CONFIGS["pissa"]), ("olora", CONFIGS["olora"])])
+def test_residual_init_and_forward_match_peft(init, variant):
+    import peft
+
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["proj"], init_lora_weights=init)
+    model, theirs, x = peft_pair(config, variant)
+    adapter, s = model.layer, variant.scale
+    w = model.layer.base.kernel[...]
+    # Init: the same principal part (sign-free: compare products) and the same residual.
+    their_top = s * (theirs.lora_B["default"].weight @ theirs.lora_A["default"].weight)
+    assert rel_err(s * adapter.base_a[...] @ adapter.base_b[...], t2j(their_top).T) < 1e-5
+    assert rel_err(w - s * adapter.base_a[...] @ adapter.base_b[...], t2j(theirs.base_layer.weight).T) < 1e-5
+    assert rel_err(model(x), t2j(theirs(j2t(x)))) < 1e-5
+    set_random(adapter, theirs, LORA_WEIGHTS)
+    check_forward_and_merge(model, theirs, x)
+
+
+def test_pissa_randomized_init_finds_peft_principal_part():
+    import peft
+
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["proj"], init_lora_weights="pissa_niter_16")
+    model, theirs, _ = peft_pair(config, PiSSAConfig(r=2, lora_alpha=4.0, niter=16))
+    ours = model.layer.base_a[...] @ model.layer.base_b[...]
+    their_top = t2j(theirs.lora_B["default"].weight @ theirs.lora_A["default"].weight).T
+    assert rel_err(ours, their_top) < 1e-3  # both approximate the same top-2 part
+
+
+def grads(model, x, g):
+    def loss(m):
+        return jnp.sum(m(x) * g)
+
+    return nnx.grad(loss, argnums=nnx.DiffState(0, AdapterParam))(model)
+
+
+@pytest.mark.parametrize("kind", ["dora", "delora"])
+def test_dora_and_delora_forward_merge_and_grads_match_peft(kind):
+    import peft
+
+    if kind == "dora":
+        config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["proj"], use_dora=True)
+        names = {**LORA_WEIGHTS, "magnitude": lambda m: m.lora_magnitude_vector["default"].weight}
+    else:
+        config = peft.DeloraConfig(r=2, delora_lambda=15, target_modules=["proj"])
+        names = {
+            "lora_a": lambda m: m.delora_A["default"],
+            "lora_b": lambda m: m.delora_B["default"],
+            "delora_lambda": lambda m: m.delora_lambda["default"],
+        }
+    model, theirs, x = peft_pair(config, CONFIGS[kind])
+    if kind == "delora":
+        assert rel_err(model.layer.w_norm[...], t2j(theirs.delora_w_norm["default"])) < 1e-6
+    set_random(model.layer, theirs, names)
+    g = jax.random.normal(jax.random.key(9), (*x.shape[:-1], 12))
+    ours = grads(model, x, g)
+    (theirs(j2t(x)) * j2t(g)).sum().backward()
+    for name, get in names.items():
+        want = t2j(get(theirs).grad)
+        got = getattr(ours.layer, name)[...]
+        assert rel_err(got, want.T if want.ndim == 2 else want.reshape(got.shape)) < 1e-5, name
+    check_forward_and_merge(model, theirs, x)

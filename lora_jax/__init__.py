@@ -15,7 +15,24 @@ from lora_jax.surgery import (
     merge_adapters,
     set_alpha,
 )
-from lora_jax.variants import VARIANTS, AntiPaSTO, AntiPaSTOConfig, DeltaS, LoRA, LoRAConfig, RotationParam
+from lora_jax.variants import (
+    VARIANTS,
+    AntiPaSTO,
+    AntiPaSTOConfig,
+    DeLoRA,
+    DeLoRAConfig,
+    DeltaS,
+    DoRA,
+    DoRAConfig,
+    LoRA,
+    LoRAConfig,
+    OLoRA,
+    OLoRAConfig,
+    PiSSA,
+    PiSSAConfig,
+    RotationParam,
+    to_lora,
+)
 from lora_jax.views import EinsumSpec, UnsupportedLayerError, ViewInfo, register_view, view_of
 
 __version__ = "0.1.0"
@@ -30,10 +47,18 @@ __all__ = [
     "AntiPaSTO",
     "AntiPaSTOConfig",
     "DeltaS",
+    "DeLoRA",
+    "DeLoRAConfig",
+    "DoRA",
+    "DoRAConfig",
     "EinsumSpec",
     "LoRA",
     "LoRAConfig",
     "NoMatchError",
+    "OLoRA",
+    "OLoRAConfig",
+    "PiSSA",
+    "PiSSAConfig",
     "RotationParam",
     "Rule",
     "Target",
@@ -47,5 +72,6 @@ __all__ = [
     "merge_adapters",
     "register_view",
     "set_alpha",
+    "to_lora",
     "view_of",
 ]

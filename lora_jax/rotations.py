@@ -1,4 +1,4 @@
-"""Block-diagonal Cayley rotations, and the top-r SVD they act on. Pure jax, no nnx.
+"""Block-diagonal Cayley rotations. Pure jax, no nnx.
 
 A rotation of ``r`` dims is ``r / bs`` independent ``bs x bs`` blocks. Each block is the
 Cayley transform of a skew matrix ``A`` built from its ``bs (bs - 1) / 2`` upper-triangle
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
@@ -39,7 +38,6 @@ __all__ = [
     "orthogonality_error",
     "rotation_angles",
     "skew_from_params",
-    "top_r_svd",
 ]
 
 
@@ -112,26 +110,3 @@ def orthogonality_error(r: Float[Array, "*lead k k"]) -> Array:
 def rotation_angles(r: Float[Array, "*lead k k"]) -> Array:
     """The rotation angles of orthogonal matrices: ``|arg|`` of their eigenvalues."""
     return jnp.abs(jnp.angle(jnp.linalg.eigvals(r)))
-
-
-# TODO(integrator): move to lora_jax/linalg.py (branch peft-a) and import it from there.
-def top_r_svd(
-    matrix: Float[Array, "*batch m n"], r: int, *, n_iter: int | None = None, key: jax.Array | None = None
-) -> tuple[Float[Array, "*batch m r"], Float[Array, "*batch r"], Float[Array, "*batch r n"]]:
-    """The ``r`` largest singular triplets, ``matrix ~ U diag(S) Vh``.
-
-    ``n_iter=None``: full SVD, sliced. ``n_iter=K``: randomized range finder (Halko et
-    al. 2011) with ``r + 8`` probes and ``K`` power iterations, for large kernels.
-    """
-    if n_iter is None:
-        u, s, vh = jnp.linalg.svd(matrix, full_matrices=False)
-        return u[..., :r], s[..., :r], vh[..., :r, :]
-    k = min(r + 8, *matrix.shape[-2:])
-    key = jax.random.key(0) if key is None else key
-    q, _ = jnp.linalg.qr(matrix @ jax.random.normal(key, (*matrix.shape[:-2], matrix.shape[-1], k), matrix.dtype))
-    mt = jnp.swapaxes(matrix, -1, -2)
-    for _ in range(n_iter):
-        q, _ = jnp.linalg.qr(mt @ q)
-        q, _ = jnp.linalg.qr(matrix @ q)
-    u, s, vh = jnp.linalg.svd(jnp.swapaxes(q, -1, -2) @ matrix, full_matrices=False)
-    return (q @ u)[..., :r], s[..., :r], vh[..., :r, :]

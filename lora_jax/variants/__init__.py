@@ -3,8 +3,31 @@ written out here, not filled by import side effects, so the list is one place to
 
 from lora_jax.adapter import VariantConfig
 from lora_jax.variants.antipasto import AntiPaSTO, AntiPaSTOConfig, DeltaS, RotationParam
+from lora_jax.variants.delora import DeLoRA, DeLoRAConfig
+from lora_jax.variants.dora import DoRA, DoRAConfig
 from lora_jax.variants.lora import LoRA, LoRAConfig
+from lora_jax.variants.olora import OLoRA, OLoRAConfig
+from lora_jax.variants.pissa import PiSSA, PiSSAConfig, to_lora
 
-VARIANTS: dict[str, type[VariantConfig]] = {cls.name: cls for cls in (LoRAConfig, AntiPaSTOConfig)}
+VARIANTS: dict[str, type[VariantConfig]] = {
+    cls.name: cls for cls in (LoRAConfig, PiSSAConfig, OLoRAConfig, DoRAConfig, DeLoRAConfig, AntiPaSTOConfig)
+}
 
-__all__ = ["VARIANTS", "AntiPaSTO", "AntiPaSTOConfig", "DeltaS", "LoRA", "LoRAConfig", "RotationParam"]
+__all__ = [
+    "VARIANTS",
+    "AntiPaSTO",
+    "AntiPaSTOConfig",
+    "DeLoRA",
+    "DeLoRAConfig",
+    "DeltaS",
+    "DoRA",
+    "DoRAConfig",
+    "LoRA",
+    "LoRAConfig",
+    "OLoRA",
+    "OLoRAConfig",
+    "PiSSA",
+    "PiSSAConfig",
+    "RotationParam",
+    "to_lora",
+]

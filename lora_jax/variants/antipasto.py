@@ -41,7 +41,8 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Target, VariantConfig
-from lora_jax.rotations import block_diag, bound_skew, cayley_delta, n_params, skew_from_params, top_r_svd
+from lora_jax.linalg import randomized_svd, top_r_svd
+from lora_jax.rotations import block_diag, bound_skew, cayley_delta, n_params, skew_from_params
 from lora_jax.variants._checks import check_rank
 
 ROTATE = ("input", "output", "both", "none")
@@ -96,17 +97,16 @@ class AntiPaSTO(Adapter):
         batch, r, bs = target.spec.batch_shape, config.r, config.block_size
         key_svd, key_s = jax.random.split(target.key(seed))
         kernel = target.kernel_matrix(jnp.promote_types(self.dtype, jnp.float32))
-        u, s, vh = top_r_svd(kernel, r, n_iter=config.svd_iters, key=key_svd)
+        iters = config.svd_iters
+        u, s, vh = top_r_svd(kernel, r) if iters is None else randomized_svd(kernel, r, niter=iters, key=key_svd)
         self.u, self.s, self.vh = (AdapterState(m.astype(self.dtype)) for m in (u, s, vh))
         self.indices = AdapterState(jnp.broadcast_to(jnp.arange(r, dtype=jnp.int32), (*batch, r)))
         noise = jax.random.truncated_normal(key_s, -2.0, 2.0, (*batch, r), self.dtype)
-        self.delta_s = DeltaS(config.delta_s_init * (1.0 + noise)) if config.delta_s else None
+        init = config.delta_s_init * (1.0 + noise)  # frozen zeros when shifts are off: one code path
+        self.delta_s = DeltaS(init) if config.delta_s else AdapterState(jnp.zeros_like(init))
         zeros = jnp.zeros((*batch, r // bs, n_params(bs)), self.dtype)
         self.rot_in = RotationParam(zeros) if config.rotate in ("input", "both") else None
         self.rot_out = RotationParam(zeros) if config.rotate in ("output", "both") else None
-
-    def _shift(self) -> Array:
-        return self.delta_s[...] if self.delta_s is not None else jnp.zeros_like(self.s[...])
 
     def _delta(self, param: RotationParam, a: Array) -> Array:
         """``R(a) - I`` per block: (*batch, n, bs, bs), or (rows, *batch, n, bs, bs)."""
@@ -124,7 +124,7 @@ class AntiPaSTO(Adapter):
         y = call_base(x)
         spec, ndim = self.spec, x.ndim
         a = self.alpha[...].astype(self.dtype)
-        shift = self.alpha_for("hidden", ndim) * spec.rank_broadcast(self._shift(), ndim)
+        shift = self.alpha_for("hidden", ndim) * spec.rank_broadcast(self.delta_s[...], ndim)
         s_new = spec.rank_broadcast(self.s[...], ndim) + shift
         h = spec.project_in(x.astype(self.dtype), self.u[...])
         z, g = h * shift, h
@@ -137,7 +137,7 @@ class AntiPaSTO(Adapter):
 
     def merged(self, kernel, bias):
         a = self.scalar_alpha()
-        shift = a * self._shift()
+        shift = a * self.delta_s[...]
         s_new = self.s[...] + shift
         eye = jnp.eye(s_new.shape[-1], dtype=self.dtype)
         core = jnp.einsum("...i,ij->...ij", shift, eye)  # (S' - S) in the unrotated basis

@@ -5,7 +5,9 @@ optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=AdapterParam)
 """
 
 from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Alpha, Target, VariantConfig
+from lora_jax.calibrate import collect_statistics, moments_init, moments_update
 from lora_jax.config import AdapterConfig, Rule
+from lora_jax.eva_calibration import EvaPlan, apply_eva_plan, eva_init, eva_plan
 from lora_jax.surgery import (
     AlreadyAdaptedError,
     NoMatchError,
@@ -15,7 +17,7 @@ from lora_jax.surgery import (
     merge_adapters,
     set_alpha,
 )
-from lora_jax.variants import VARIANTS, LoRA, LoRAConfig
+from lora_jax.variants import EVA, VARIANTS, EVAConfig, LoRA, LoRAConfig
 from lora_jax.views import EinsumSpec, UnsupportedLayerError, ViewInfo, register_view, view_of
 
 __version__ = "0.1.0"
@@ -27,7 +29,10 @@ __all__ = [
     "AdapterState",
     "Alpha",
     "AlreadyAdaptedError",
+    "EVA",
+    "EVAConfig",
     "EinsumSpec",
+    "EvaPlan",
     "LoRA",
     "LoRAConfig",
     "NoMatchError",
@@ -38,9 +43,15 @@ __all__ = [
     "VariantConfig",
     "ViewInfo",
     "apply_adapters",
+    "apply_eva_plan",
+    "collect_statistics",
+    "eva_init",
+    "eva_plan",
     "find_targets",
     "iter_adapters",
     "merge_adapters",
+    "moments_init",
+    "moments_update",
     "register_view",
     "set_alpha",
     "view_of",

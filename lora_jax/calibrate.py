@@ -30,7 +30,7 @@ from lora_jax.adapter import Adapter, Target
 from lora_jax.surgery import _path, _replace
 from lora_jax.views import spec_of, view_of
 
-__all__ = ["collect_statistics"]
+__all__ = ["collect_statistics", "moments_init", "moments_update"]
 
 
 class _Statistic(nnx.Variable):
@@ -140,6 +140,7 @@ def collect_statistics(
     def step(session: _Session, batch: Any, batch_mask: Array) -> None:
         session.mask.set_value(batch_mask)
         forward(session.model, batch)  # the output is dropped: only the statistics are kept
+        session.mask.set_value(jnp.ones((), jnp.float32))  # same state shapes every call: one compile
 
     n_batches = 0
     total = len(batches) if hasattr(batches, "__len__") else None
@@ -154,3 +155,34 @@ def collect_statistics(
     if n_batches == 0:
         raise ValueError("collect_statistics: no calibration data (batches was empty); pass at least one batch")
     return {p: jax.tree.map(jnp.asarray, r.stat.get_value()) for p, r in recorders.items()}
+
+
+def moments_init(target: Target) -> dict[str, Array]:
+    """Zero row count, mean ``(*kbatch, d_in)`` and centered scatter ``(*kbatch, d_in, d_in)``."""
+    spec = target.spec
+    d, kb = spec.d_in, spec.batch_shape
+    return {"count": jnp.zeros(()), "mean": jnp.zeros((*kb, d)), "scatter": jnp.zeros((*kb, d, d))}
+
+
+def moments_update(stat: dict[str, Array], rows: Array, mask: Array) -> dict[str, Array]:
+    """Fold one batch into the running mean and centered scatter ``sum (x - mean)(x - mean)^T``.
+
+    Batches are merged with Chan et al.'s pairwise formula instead of accumulating
+    ``sum x x^T`` and subtracting ``n mean mean^T`` at the end: in float32 that
+    subtraction cancels catastrophically when the mean is large against the spread, as
+    it is for some channels of LLM residual streams. ``mask`` entries are 0 or 1.
+    """
+    n_a, n_b = stat["count"], mask.sum()
+    keep = mask[:, None] > 0
+    mean_b = jnp.where(keep, rows, 0.0).sum(-2) / jnp.maximum(n_b, 1.0)  # padding may hold NaN
+    centered = jnp.where(keep, rows - mean_b[..., None, :], 0.0)
+    n = n_a + n_b
+    delta = mean_b - stat["mean"]
+    weight = n_a * n_b / jnp.maximum(n, 1.0)
+    return {
+        "count": n,
+        "mean": stat["mean"] + delta * (n_b / jnp.maximum(n, 1.0)),
+        "scatter": stat["scatter"]
+        + jnp.einsum("...nd,...ne->...de", centered, centered)
+        + weight * delta[..., :, None] * delta[..., None, :],
+    }

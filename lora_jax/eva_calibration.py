@@ -30,7 +30,6 @@ import dataclasses
 import re
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 from typing import Any
 
 import jax
@@ -164,12 +163,6 @@ def eva_plan(
         desc=desc,
         until=until,
     )
-    if not progress["converged"]:
-        warnings.warn(
-            f"eva_init: the components did not converge (tau) within {progress['batches']} batches; "
-            "using the exact PCA of the data seen. Pass more calibration data for a stable init.",
-            stacklevel=2,
-        )
     finals, ratios = {}, {}
     for path, stat in stats.items():
         n = int(stat["count"])
@@ -181,6 +174,12 @@ def eva_plan(
             )
         finals[path] = _final_components(stat, ks[path])
         ratios[path] = _layer_ratios(finals[path][1] / _trace(stat["scatter"])[..., None])
+    if not progress["converged"]:
+        warnings.warn(
+            f"eva_init: the components did not converge (tau) within {progress['batches']} batches; "
+            "using the exact PCA of the data seen. Pass more calibration data for a stable init.",
+            stacklevel=2,
+        )
     ranks = _allocate(ratios, budget)
     components, rules = {}, []
     for path, (_, v) in targets.items():
@@ -191,13 +190,13 @@ def eva_plan(
         if v.whiten:  # PEFT divides by sqrt of the singular value sqrt(eigenvalue of the scatter)
             vectors = vectors / jnp.maximum(values, 1e-30)[..., None, :] ** 0.25
         components[path] = vectors
-        variant = replace(v, r=rank, lora_alpha=v.lora_alpha * rank / v.r)
+        variant = dataclasses.replace(v, r=rank, lora_alpha=v.lora_alpha * rank / v.r)
         rules.append(Rule(pattern=f"^{re.escape(path)}$", variant=variant))
     fenced = tuple(f"^{re.escape(p)}$" for p in targets)
     others = [
         dataclasses.replace(r, exclude=r.exclude + fenced) for r in cfg.rules if not isinstance(r.variant, EVAConfig)
     ]
-    config = replace(cfg, rules=(*rules, *others))
+    config = dataclasses.replace(cfg, rules=(*rules, *others))
     return EvaPlan(config, components, ratios, progress["batches"], progress["converged"])
 
 

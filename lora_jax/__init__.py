@@ -5,7 +5,9 @@ optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=AdapterParam)
 """
 
 from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Alpha, Target, VariantConfig
+from lora_jax.calibrate import collect_statistics, moments_init, moments_update
 from lora_jax.config import AdapterConfig, Rule
+from lora_jax.eva_calibration import EvaPlan, apply_eva_plan, eva_init, eva_plan
 from lora_jax.surgery import (
     AlreadyAdaptedError,
     NoMatchError,
@@ -16,6 +18,7 @@ from lora_jax.surgery import (
     set_alpha,
 )
 from lora_jax.variants import (
+    EVA,
     VARIANTS,
     AntiPaSTO,
     AntiPaSTOConfig,
@@ -24,6 +27,7 @@ from lora_jax.variants import (
     DeltaS,
     DoRA,
     DoRAConfig,
+    EVAConfig,
     LoRA,
     LoRAConfig,
     OLoRA,
@@ -51,7 +55,10 @@ __all__ = [
     "DeLoRAConfig",
     "DoRA",
     "DoRAConfig",
+    "EVA",
+    "EVAConfig",
     "EinsumSpec",
+    "EvaPlan",
     "LoRA",
     "LoRAConfig",
     "NoMatchError",
@@ -67,9 +74,15 @@ __all__ = [
     "VariantConfig",
     "ViewInfo",
     "apply_adapters",
+    "apply_eva_plan",
+    "collect_statistics",
+    "eva_init",
+    "eva_plan",
     "find_targets",
     "iter_adapters",
     "merge_adapters",
+    "moments_init",
+    "moments_update",
     "register_view",
     "set_alpha",
     "to_lora",

@@ -5,12 +5,14 @@ from lora_jax.adapter import VariantConfig
 from lora_jax.variants.antipasto import AntiPaSTO, AntiPaSTOConfig, DeltaS, RotationParam
 from lora_jax.variants.delora import DeLoRA, DeLoRAConfig
 from lora_jax.variants.dora import DoRA, DoRAConfig
+from lora_jax.variants.eva import EVA, EVAConfig
 from lora_jax.variants.lora import LoRA, LoRAConfig
 from lora_jax.variants.olora import OLoRA, OLoRAConfig
 from lora_jax.variants.pissa import PiSSA, PiSSAConfig, to_lora
 
 VARIANTS: dict[str, type[VariantConfig]] = {
-    cls.name: cls for cls in (LoRAConfig, PiSSAConfig, OLoRAConfig, DoRAConfig, DeLoRAConfig, AntiPaSTOConfig)
+    cls.name: cls
+    for cls in (LoRAConfig, PiSSAConfig, OLoRAConfig, DoRAConfig, DeLoRAConfig, EVAConfig, AntiPaSTOConfig)
 }
 
 __all__ = [
@@ -22,6 +24,8 @@ __all__ = [
     "DeltaS",
     "DoRA",
     "DoRAConfig",
+    "EVA",
+    "EVAConfig",
     "LoRA",
     "LoRAConfig",
     "OLoRA",

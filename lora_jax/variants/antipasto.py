@@ -97,16 +97,17 @@ class AntiPaSTO(Adapter):
         batch, r, bs = target.spec.batch_shape, config.r, config.block_size
         key_svd, key_s = jax.random.split(target.key(seed))
         kernel = target.kernel_matrix(jnp.promote_types(self.dtype, jnp.float32))
-        iters = config.svd_iters
-        u, s, vh = top_r_svd(kernel, r) if iters is None else randomized_svd(kernel, r, niter=iters, key=key_svd)
-        self.u, self.s, self.vh = (AdapterState(m.astype(self.dtype)) for m in (u, s, vh))
-        self.indices = AdapterState(jnp.broadcast_to(jnp.arange(r, dtype=jnp.int32), (*batch, r)))
+        n_iter, put = config.svd_iters, self.variable  # put: laid out (sharded) like the base kernel
+        svd = top_r_svd(kernel, r) if n_iter is None else randomized_svd(kernel, r, niter=n_iter, key=key_svd)
+        u, s, vh = (m.astype(self.dtype) for m in svd)
+        self.u, self.s, self.vh = put(AdapterState, u, "i-"), put(AdapterState, s, "-"), put(AdapterState, vh, "-o")
+        self.indices = put(AdapterState, jnp.broadcast_to(jnp.arange(r, dtype=jnp.int32), (*batch, r)), "-")
         noise = jax.random.truncated_normal(key_s, -2.0, 2.0, (*batch, r), self.dtype)
-        init = config.delta_s_init * (1.0 + noise)  # frozen zeros when shifts are off: one code path
-        self.delta_s = DeltaS(init) if config.delta_s else AdapterState(jnp.zeros_like(init))
+        init = config.delta_s_init * (1.0 + noise) if config.delta_s else jnp.zeros_like(noise)
+        self.delta_s = put(DeltaS if config.delta_s else AdapterState, init, "-")  # frozen 0 if off: one code path
         zeros = jnp.zeros((*batch, r // bs, n_params(bs)), self.dtype)
-        self.rot_in = RotationParam(zeros) if config.rotate in ("input", "both") else None
-        self.rot_out = RotationParam(zeros) if config.rotate in ("output", "both") else None
+        self.rot_in = put(RotationParam, zeros, "--") if config.rotate in ("input", "both") else None
+        self.rot_out = put(RotationParam, zeros, "--") if config.rotate in ("output", "both") else None
 
     def _delta(self, param: RotationParam, a: Array) -> Array:
         """``R(a) - I`` per block: (*batch, n, bs, bs), or (rows, *batch, n, bs, bs)."""

@@ -15,17 +15,24 @@ kernel matrix sees, ``(*batch, N, d_in)``) and the full SVD ``W = U diag(S) Vh``
 Everything reduces to :class:`ProjectionStats` (sums, so it streams over batches).
 :func:`rebase` then points an adapter at the selected dims and records them in its
 ``indices`` state. The delta form needs no ``W_res`` update: the base kernel is untouched.
+:func:`select_dimensions` does it all for a model, collecting the statistics with
+``lora_jax.calibrate.collect_statistics`` in one pass over the data.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from lora_jax.calibrate import collect_statistics
+from lora_jax.surgery import iter_adapters
 from lora_jax.variants.antipasto import AntiPaSTO
 
 __all__ = [
@@ -35,6 +42,7 @@ __all__ = [
     "polarity_interleave",
     "projection_stats",
     "rebase",
+    "select_dimensions",
     "top_indices",
     "wanda_scores",
 ]
@@ -67,9 +75,9 @@ def projection_stats(
     rows: Float[Array, "*batch n d_in"], u: Float[Array, "*batch d_in k"], mask: Float[Array, " n"] | None = None
 ) -> ProjectionStats:
     """Statistics of one batch of rows (``mask``: 1 for real rows, 0 for padding)."""
-    proj = rows.astype(u.dtype) @ u
     weight = jnp.ones(rows.shape[-2], u.dtype) if mask is None else mask.astype(u.dtype)
-    w = weight.reshape((1,) * (proj.ndim - 2) + (-1, 1))
+    w = weight.reshape((1,) * (rows.ndim - 2) + (-1, 1))
+    proj = jnp.where(w > 0, rows.astype(u.dtype), 0.0) @ u  # padding rows may hold NaN
     return ProjectionStats((jnp.abs(proj) * w).sum(-2), (proj * w).sum(-2), weight.sum())
 
 
@@ -146,3 +154,77 @@ def rebase(adapter: AntiPaSTO, indices: Int[Array, "*batch r"], svd: Svd | None 
     adapter.s.value = jnp.take_along_axis(s, indices, axis=-1).astype(adapter.dtype)
     adapter.vh.value = jnp.take_along_axis(vh, indices[..., :, None], axis=-2).astype(adapter.dtype)
     adapter.indices.value = indices
+
+
+METHODS = ("wanda", "l1_trip")
+
+
+def select_dimensions(
+    model: Any,
+    batches: Iterable[Any],
+    *,
+    method: str = "wanda",
+    pattern: str | None = None,
+    interleave: bool = True,
+    forward: Callable[[Any, Any], Any] = lambda m, b: m(b),
+    mask: Callable[[Any], Array] | None = None,
+    desc: str = "selecting dims",
+) -> dict[str, Int[Array, "*batch r"]]:
+    """Re-base every AntiPaSTO adapter (path matching ``pattern``) on data-chosen dims,
+    in place, before training; returns ``{path: indices}``.
+
+    ``method="wanda"`` scores all rows; ``"l1_trip"`` reads the batch axis as interleaved
+    pairs (rows 0, 2, ... chosen; 1, 3, ... rejected) and, with ``interleave``, orders the
+    dims by polarity. ``forward(model, batch)`` runs the model; ``mask(batch)`` marks real
+    tokens (1) and padding (0) over the leading axes of each layer's input, as in
+    ``collect_statistics``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"select_dimensions: unknown method={method!r}; use one of {METHODS}")
+    adapters = {
+        p: a for p, a in iter_adapters(model) if isinstance(a, AntiPaSTO) and (pattern is None or re.search(pattern, p))
+    }
+    if not adapters:
+        raise ValueError(f"select_dimensions: no AntiPaSTO adapter matches pattern={pattern!r}; apply_adapters first")
+    svds = {p: full_svd(a) for p, a in adapters.items()}
+    contrastive = method == "l1_trip"
+
+    def init(target):
+        zero = jnp.zeros(svds[target.path][1].shape, jnp.float32)
+        stats = ProjectionStats(zero, zero, jnp.zeros((), jnp.float32))
+        return {"u": svds[target.path][0].astype(jnp.float32), "chosen": stats, "rejected": stats}
+
+    def update(stat, rows, row_mask):
+        # l1_trip: the mask carries the pair side as its sign (+1 chosen, -1 rejected, 0 padding).
+        chosen = projection_stats(rows, stat["u"], jnp.maximum(row_mask, 0.0))
+        rejected = projection_stats(rows, stat["u"], jnp.maximum(-row_mask, 0.0))
+        return {"u": stat["u"], "chosen": stat["chosen"] + chosen, "rejected": stat["rejected"] + rejected}
+
+    def signed_mask(batch):
+        m = jnp.ones((), jnp.float32) if mask is None else jnp.asarray(mask(batch), jnp.float32)
+        if not contrastive:
+            return m
+        n = jax.tree.leaves(batch)[0].shape[0]
+        if n % 2 or (m.ndim and m.shape[0] != n):
+            raise ValueError(
+                f"select_dimensions(method='l1_trip'): a batch of {n} rows is not chosen/rejected pairs "
+                "interleaved on axis 0 (rows 0, 2, ... chosen; 1, 3, ... rejected); pass an even batch"
+            )
+        sign = jnp.where(jnp.arange(n) % 2 == 0, 1.0, -1.0)
+        return sign.reshape(n, *(1,) * max(m.ndim - 1, 0)) * m
+
+    stats = collect_statistics(
+        model, batches, paths=list(adapters), init=init, update=update, forward=forward, mask=signed_mask, desc=desc
+    )
+    chosen = {}
+    for path, adapter in adapters.items():
+        c, r, s, size = stats[path]["chosen"], stats[path]["rejected"], svds[path][1], adapter.config.r
+        if contrastive:
+            indices = l1_trip(c, r, s, size)
+            if interleave:
+                indices = polarity_interleave(indices, c.mean - r.mean)
+        else:
+            indices = top_indices(wanda_scores(c, s), size)
+        rebase(adapter, indices, svds[path])
+        chosen[path] = indices
+    return chosen

@@ -15,6 +15,7 @@ from lora_jax.select import (
     polarity_interleave,
     projection_stats,
     rebase,
+    select_dimensions,
     top_indices,
     wanda_scores,
 )
@@ -120,3 +121,73 @@ def test_rebase_selects_dims_and_keeps_the_adapter_exact():
         rebase(adapter, jnp.array([1, 2, 3, 4]))
     with pytest.raises(ValueError, match=r"must lie in \[0, 12\)"):
         rebase(adapter, jnp.array([[1, 2, 3, 12], [0, 1, 2, 3]]))
+
+
+def adapted_linear(r=6):
+    host = Host(nnx.Linear(16, 12, rngs=nnx.Rngs(0)))
+    variant = AntiPaSTOConfig(r=r, block_size=2, rotate="both")
+    model = apply_adapters(host, AdapterConfig(rules=(Rule(pattern="layer", variant=variant),)))
+    [(_, adapter)] = list(iter_adapters(model))
+    return host, model, adapter
+
+
+def planted_batches(u, signs, n_batches=2, seed=0):
+    """(B, T, 16) batches: noise plus 4 * u[:, 10] * sign[b] plus 3 * u[:, 8] on every row."""
+    out = []
+    for i in range(n_batches):
+        noise = 0.05 * jax.random.normal(jax.random.key(seed + i), (len(signs), 3, 16))
+        side = jnp.asarray(signs, jnp.float32).reshape(-1, 1, 1)
+        out.append(noise + 4.0 * side * u[None, None, :, 10] + 3.0 * u[None, None, :, 8])
+    return out
+
+
+def test_select_dimensions_wanda_end_to_end():
+    host, model, adapter = adapted_linear()
+    u = full_svd(adapter)[0]
+    batches = planted_batches(u, [1, 1, -1, 1])
+    x = batches[0]
+    got = select_dimensions(model, batches, method="wanda")
+    picked = np.asarray(got["layer"]).tolist()
+    assert {8, 10} <= set(picked) and picked == sorted(picked)
+    np.testing.assert_array_equal(adapter.indices[...], got["layer"])
+    set_alpha(model, 0.0)
+    np.testing.assert_array_equal(model(x), host(x))
+
+
+def test_select_dimensions_l1_trip_interleaved_pairs():
+    """Pairs differ along u_10 (chosen +, rejected -); u_8 is shared. A third batch with a
+    huge u_11 component changes nothing when the mask marks it as padding."""
+    host, model, adapter = adapted_linear()
+    u = full_svd(adapter)[0]
+    batches = planted_batches(u, [1, -1, 1, -1])
+    polluted = batches[0] + 100.0 * u[None, None, :, 11]
+    masks = [jnp.ones((4, 3)), jnp.ones((4, 3)), jnp.zeros((4, 3))]
+    data = list(zip([*batches, polluted], masks, strict=True))
+    select = lambda m, d: select_dimensions(m, d, method="l1_trip", forward=lambda m, b: m(b[0]), mask=lambda b: b[1])
+    got = np.asarray(select(model, data)["layer"])
+    assert {8, 10} <= set(got.tolist())
+    _, clean_model, _ = adapted_linear()
+    np.testing.assert_array_equal(np.asarray(select(clean_model, data[:2])["layer"]), got)
+    _, unmasked_model, _ = adapted_linear()
+    unmasked = select(unmasked_model, [(b, jnp.ones((4, 3))) for b, _ in data])["layer"]
+    assert 11 in np.asarray(unmasked).tolist()  # the mask is what kept u_11 out
+    # polarity interleave: the mean chosen-minus-rejected projection alternates in sign
+    x = jnp.concatenate(batches)
+    proj = (x @ u).reshape(-1, 2, 3, u.shape[-1])  # (pairs, side, tokens, k)
+    diff = np.asarray((proj[:, 0] - proj[:, 1]).mean(axis=(0, 1)))
+    assert (diff[got] >= 0).tolist()[:4] == [True, False, True, False]
+    np.testing.assert_array_equal(adapter.indices[...], got)
+    np.testing.assert_allclose(merge_adapters(model)(x), model(x), atol=1e-5)
+    set_alpha(model, 0.0)
+    np.testing.assert_array_equal(model(x), host(x))
+
+
+def test_select_dimensions_errors():
+    _, model, adapter = adapted_linear()
+    batches = planted_batches(full_svd(adapter)[0], [1, -1, 1])
+    with pytest.raises(ValueError, match="unknown method='pca'"):
+        select_dimensions(model, batches, method="pca")
+    with pytest.raises(ValueError, match="no AntiPaSTO adapter matches"):
+        select_dimensions(model, batches, pattern="nothing")
+    with pytest.raises(ValueError, match="pass an even batch"):
+        select_dimensions(model, batches, method="l1_trip")

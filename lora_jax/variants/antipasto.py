@@ -14,11 +14,10 @@ types, so ``optax.multi_transform`` can give them their own learning rates.
 Identity at t=0: rotation parameters are 0 (R = I) and d = ``delta_s_init`` (0: exact;
 antipasto3 used 4e-4 so the +1 and -1 passes differ from the first step).
 
-Runtime alpha is ``a``: it scales the rotation generator and the shift together. Each
-term above is an exact zero at a = 0 (the base bit for bit). R(-a) = R(a)^-1 exactly,
-so with d = 0 the rotation at -a undoes the one at +a; a shift d != 0 is additive
-(S + ad and S - ad average to S) and survives that undo as U diag(ad) Vh. Per-row alpha
-(shape (batch,)) builds one rotation per row.
+Runtime alpha is ``a``, scaling rotation generator and shift together; each term above
+is an exact zero at a = 0. R(-a) = R(a)^-1, so with d = 0 the rotation at -a undoes the
+one at +a; a shift d != 0 is additive (S + ad and S - ad average to S) and survives that
+undo as U diag(ad) Vh. A per-row alpha (shape (batch,)) builds one rotation per row.
 
 Delta form, not W_res: no second (d_in, d_out) kernel; the base keeps its dtype, bias and
 sharding. Same matmul FLOPs as ``x W_res + (x U R) S' Vh``; its rank-space elementwise

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from layers import LAYOUTS
 
 from lora_jax import AdapterConfig, AntiPaSTOConfig, Rule, apply_adapters, iter_adapters, merge_adapters, set_alpha
 from lora_jax.select import (
@@ -191,3 +192,19 @@ def test_select_dimensions_errors():
         select_dimensions(model, batches, pattern="nothing")
     with pytest.raises(ValueError, match="pass an even batch"):
         select_dimensions(model, batches, method="l1_trip")
+
+
+@pytest.mark.parametrize(("layout", "method"), [("moe_EBD_EDF", "wanda"), ("per_head_BTNH_NHK", "l1_trip")])
+def test_select_dimensions_on_kernel_batch_layouts(layout, method):
+    """One index set per kernel-batch matrix (experts, heads); the adapter stays exact."""
+    layer, x = {lay.name: lay for lay in LAYOUTS}[layout].build(0)
+    x = x[:2] if method == "l1_trip" else x  # one chosen/rejected pair
+    host = Host(layer)
+    variant = AntiPaSTOConfig(r=4, block_size=2, rotate="both")
+    model = apply_adapters(host, AdapterConfig(rules=(Rule(pattern="layer", variant=variant),)))
+    got = select_dimensions(model, [x], method=method)["layer"]
+    [(_, adapter)] = list(iter_adapters(model))
+    assert got.shape == adapter.indices.shape == (*adapter.spec.batch_shape, 4)
+    np.testing.assert_allclose(merge_adapters(model)(x), model(x), atol=1e-5)
+    set_alpha(model, 0.0)
+    np.testing.assert_array_equal(model(x), host(x))

@@ -10,6 +10,8 @@ from flax import nnx
 from layers import LAYOUTS
 
 from lora_jax import AdapterConfig, AntiPaSTOConfig, Rule, apply_adapters, iter_adapters, merge_adapters, set_alpha
+from lora_jax.models.config import tiny_config
+from lora_jax.models.qwen3 import Qwen3
 from lora_jax.select import (
     full_svd,
     l1_trip,
@@ -208,3 +210,22 @@ def test_select_dimensions_on_kernel_batch_layouts(layout, method):
     np.testing.assert_allclose(merge_adapters(model)(x), model(x), atol=1e-5)
     set_alpha(model, 0.0)
     np.testing.assert_array_equal(model(x), host(x))
+
+
+def test_select_dimensions_on_tiny_qwen3_with_padding():
+    """The reference model: o_proj (Einsum BTNH,NHD) and down_proj (Linear), pairs on the
+    batch axis, a (B, T) attention mask; alpha=0 logits stay the base logits."""
+    base = Qwen3(tiny_config(), rngs=nnx.Rngs(1))
+    variant = AntiPaSTOConfig(r=8, block_size=4)
+    model = apply_adapters(base, AdapterConfig(rules=(Rule(pattern="o_proj|down_proj", variant=variant),)))
+    tokens = jax.random.randint(jax.random.key(0), (4, 6), 0, 259)
+    mask = jnp.ones((4, 6), bool).at[1, 4:].set(False).at[3, 5:].set(False)
+    got = select_dimensions(
+        model, [(tokens, mask)], method="l1_trip", forward=lambda m, b: m(b[0], b[1]), mask=lambda b: b[1]
+    )
+    assert sorted(got) == [f"layers.{i}.{n}" for i in range(2) for n in ("attn.o_proj", "mlp.down_proj")]
+    for path, adapter in iter_adapters(model):
+        assert len(set(np.asarray(got[path]).tolist())) == 8
+        np.testing.assert_array_equal(adapter.indices[...], got[path])
+    set_alpha(model, 0.0)
+    np.testing.assert_array_equal(model(tokens, mask), base(tokens, mask))

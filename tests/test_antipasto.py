@@ -24,7 +24,7 @@ from lora_jax import (
     merge_adapters,
     set_alpha,
 )
-from lora_jax.rotations import (
+from lora_jax.cayley import (
     angle_limit,
     block_diag,
     bound_skew,
@@ -65,7 +65,7 @@ def the_adapter(model):
     return adapter
 
 
-# -- rotations.py ---------------------------------------------------------------------
+# -- cayley.py ------------------------------------------------------------------------
 @pytest.mark.parametrize("bs", [2, 3, 4, 8])
 def test_cayley_orthogonal_and_inverse(bs):
     params = 3.0 * jax.random.normal(jax.random.key(bs), (5, n_params(bs)))

@@ -6,7 +6,7 @@ Clark 2026, https://arxiv.org/abs/2601.07473 (code: github.com/wassname/AntiPaST
     y = base(x) + [h (R_in - I) S' + h diag(a d) + g S' (R_out^T - I)] Vh,
         h = x U, g = h R_in, S' = diag(S + a d)
 
-R(a) is block-diagonal Cayley (lora_jax/rotations.py) with angles soft-bounded by
+R(a) is block-diagonal Cayley (lora_jax/cayley.py) with angles soft-bounded by
 ``max_angle``; ``rotate`` picks the input basis U (default), the output basis Vh, both or
 none. ``d`` (:class:`DeltaS`) and the rotations (:class:`RotationParam`) are distinct
 types, so ``optax.multi_transform`` can give them their own learning rates.
@@ -41,7 +41,7 @@ from jaxtyping import Array
 
 from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Target, VariantConfig
 from lora_jax.linalg import randomized_svd, top_r_svd
-from lora_jax.rotations import block_diag, bound_skew, cayley_delta, n_params, skew_from_params
+from lora_jax.cayley import block_diag, bound_skew, cayley_delta, n_params, skew_from_params
 from lora_jax.variants._checks import check_rank
 
 ROTATE = ("input", "output", "both", "none")

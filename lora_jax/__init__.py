@@ -15,7 +15,20 @@ from lora_jax.surgery import (
     merge_adapters,
     set_alpha,
 )
-from lora_jax.variants import VARIANTS, LoRA, LoRAConfig
+from lora_jax.variants import (
+    HRA,
+    IA3,
+    IA3FF,
+    ROAD,
+    VARIANTS,
+    HRAConfig,
+    IA3Config,
+    IA3FFConfig,
+    LoRA,
+    LoRAConfig,
+    ROADConfig,
+    hra_orthogonality_penalty,
+)
 from lora_jax.views import EinsumSpec, UnsupportedLayerError, ViewInfo, register_view, view_of
 
 __version__ = "0.1.0"
@@ -28,9 +41,17 @@ __all__ = [
     "Alpha",
     "AlreadyAdaptedError",
     "EinsumSpec",
+    "HRA",
+    "HRAConfig",
+    "IA3",
+    "IA3Config",
+    "IA3FF",
+    "IA3FFConfig",
     "LoRA",
     "LoRAConfig",
     "NoMatchError",
+    "ROAD",
+    "ROADConfig",
     "Rule",
     "Target",
     "UnsupportedLayerError",
@@ -39,6 +60,7 @@ __all__ = [
     "ViewInfo",
     "apply_adapters",
     "find_targets",
+    "hra_orthogonality_penalty",
     "iter_adapters",
     "merge_adapters",
     "register_view",

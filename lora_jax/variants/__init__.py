@@ -2,8 +2,27 @@
 written out here, not filled by import side effects, so the list is one place to read."""
 
 from lora_jax.adapter import VariantConfig
+from lora_jax.variants.hra import HRA, HRAConfig, hra_orthogonality_penalty
+from lora_jax.variants.ia3 import IA3, IA3Config
+from lora_jax.variants.ia3_ff import IA3FF, IA3FFConfig
 from lora_jax.variants.lora import LoRA, LoRAConfig
+from lora_jax.variants.road import ROAD, ROADConfig
 
-VARIANTS: dict[str, type[VariantConfig]] = {cls.name: cls for cls in (LoRAConfig,)}
+VARIANTS: dict[str, type[VariantConfig]] = {
+    cls.name: cls for cls in (LoRAConfig, IA3Config, IA3FFConfig, HRAConfig, ROADConfig)
+}
 
-__all__ = ["VARIANTS", "LoRA", "LoRAConfig"]
+__all__ = [
+    "HRA",
+    "IA3",
+    "IA3FF",
+    "ROAD",
+    "VARIANTS",
+    "HRAConfig",
+    "IA3Config",
+    "IA3FFConfig",
+    "LoRA",
+    "LoRAConfig",
+    "ROADConfig",
+    "hra_orthogonality_penalty",
+]

@@ -20,7 +20,7 @@ from lora_jax import (
     merge_adapters,
     set_alpha,
 )
-from tests.layers import LAYOUT_IDS, LAYOUTS
+from tests.layers import LAYOUTS
 
 CONFIGS = {
     "ia3": IA3Config(),
@@ -59,8 +59,13 @@ def close(a, b, tol=2e-5):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol * float(jnp.abs(b).max()))
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+# road_2 / road_4 share road_1's layout handling; two layouts each keep the suite short.
+CASES = [(lo, n) for n in ("ia3", "ia3_ff", "hra", "road_1") for lo in LAYOUTS] + [
+    (lo, n) for n in ("road_2", "road_4") for lo in LAYOUTS if lo.name in ("linear", "kv_packed")
+]
+
+
+@pytest.mark.parametrize(("layout", "name"), CASES, ids=[f"{lo.name}-{n}" for lo, n in CASES])
 def test_identity_alpha_merge_inverse(layout, name):
     base, model, x = adapted(layout, CONFIGS[name])
     y0 = base(x)
@@ -70,7 +75,7 @@ def test_identity_alpha_merge_inverse(layout, name):
     perturb(model)
     set_alpha(model, 0.0)
     assert bool((model(x) == y0).all()), "alpha=0 must be bit-identical to the base"
-    for a in (1.0, 0.6, -0.6):
+    for a in (0.6, -0.6):
         set_alpha(model, a)
         y = model(x)
         assert float(jnp.abs(y - y0).max()) > 1e-3, "perturbed adapter should change the output"

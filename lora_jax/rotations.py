@@ -105,7 +105,7 @@ def hra_rotation(u: Float[Array, "*b d r"], alpha: Array) -> Float[Array, "*b d 
     coef = hra_coefficients(n_delta[..., None, :], n_sigma[..., None, :], alpha)
     gram = jnp.einsum("...dr,...ds->...rs", basis, basis)[..., None, :, :]
     g = hra_coords(basis, gram, coef, alpha)  # row i: coordinates of R e_i
-    eye = jnp.broadcast_to(jnp.eye(u.shape[-2], dtype=g.dtype), g.shape[:-1] + (u.shape[-2],))
+    eye = jnp.broadcast_to(jnp.eye(u.shape[-2], dtype=g.dtype), (*g.shape[:-1], u.shape[-2]))
     return eye + jnp.einsum("...dr,...er->...ed", g, basis)
 
 

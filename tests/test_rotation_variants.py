@@ -90,7 +90,9 @@ def test_identity_alpha_merge_inverse(layout, name):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("layout", [lo for lo in LAYOUTS if lo.name in ("linear", "q_BTD_NDH", "kv_packed")], ids=lambda lo: lo.name)
+@pytest.mark.parametrize(
+    "layout", [lo for lo in LAYOUTS if lo.name in ("linear", "q_BTD_NDH", "kv_packed")], ids=lambda lo: lo.name
+)
 def test_per_row_alpha_matches_scalar_runs(layout, name):
     _, model, x = adapted(layout, CONFIGS[name])
     perturb(model)

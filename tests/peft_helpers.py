@@ -47,3 +47,20 @@ def assert_rel_close(actual, expected, tol: float = 1e-5) -> None:
     actual, expected = np.asarray(actual), np.asarray(expected)
     scale = float(np.abs(expected).max())
     np.testing.assert_allclose(actual, expected, rtol=tol, atol=tol * scale)
+
+
+def assert_forward_matches(peft_model, ours) -> np.ndarray:
+    """Same output as PEFT on fresh inputs, and visibly not the base model's; returns x."""
+    x = inputs()
+    expected = torch_out(peft_model, x)
+    assert np.abs(expected - torch_out(TorchMLP(), x)).max() > 1e-2, "adapter weights are still the identity"
+    assert_rel_close(ours(jnp.asarray(x)), expected)
+    return x
+
+
+def assert_merged_matches(merged_torch, merged) -> None:
+    """Kernels and biases of both layers equal PEFT's ``merge_and_unload`` result."""
+    for name in ("up", "down"):
+        src, dst = merged_torch.get_submodule(name), getattr(merged, name)
+        assert_rel_close(dst.kernel[...], src.weight.detach().numpy().T)
+        assert_rel_close(dst.bias[...], src.bias.detach().numpy())

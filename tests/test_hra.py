@@ -24,7 +24,13 @@ from lora_jax import (
     set_alpha,
 )
 from lora_jax.rotations import hra_rotation
-from tests.peft_helpers import FlaxMLP, TorchMLP, assert_rel_close, inputs, torch_out
+from tests.peft_helpers import (
+    FlaxMLP,
+    TorchMLP,
+    assert_forward_matches,
+    assert_merged_matches,
+    assert_rel_close,
+)
 
 R = 4
 
@@ -54,20 +60,14 @@ def peft_and_ours():
 
 def test_hra_matches_peft_forward_merge_and_reverse():
     peft_model, ours = peft_and_ours()
-    x = inputs()
-    expected = torch_out(peft_model, x)
-    assert np.abs(expected - torch_out(TorchMLP(), x)).max() > 1e-2
-    assert_rel_close(ours(jnp.asarray(x)), expected)
+    assert_forward_matches(peft_model, ours)
     layer = peft_model.base_model.model.up
     with torch.no_grad():
         reverse = (layer.base_layer.weight @ layer.get_delta_weight("default", reverse=True)).numpy()
     set_alpha(ours, -1.0)
     assert_rel_close(merge_adapters(ours).up.kernel[...], reverse.T)  # alpha=-1 is PEFT's unmerge order
     set_alpha(ours, 1.0)
-    merged = merge_adapters(ours)
-    merged_torch = peft_model.merge_and_unload()
-    for name in ("up", "down"):
-        assert_rel_close(getattr(merged, name).kernel[...], merged_torch.get_submodule(name).weight.detach().numpy().T)
+    assert_merged_matches(peft_model.merge_and_unload(), merge_adapters(ours))
 
 
 def test_rotation_algebra():

@@ -12,7 +12,13 @@ from peft.tuners.road.layer import _get_delta_weight
 
 from lora_jax import AdapterConfig, ROADConfig, Rule, apply_adapters, merge_adapters, set_alpha
 from lora_jax.rotations import road_apply, road_columns
-from tests.peft_helpers import FlaxMLP, TorchMLP, assert_rel_close, inputs, torch_out
+from tests.peft_helpers import (
+    FlaxMLP,
+    TorchMLP,
+    assert_forward_matches,
+    assert_merged_matches,
+    assert_rel_close,
+)
 
 KINDS = ["road_1", "road_2", "road_4"]
 GROUP = 4
@@ -50,10 +56,7 @@ def rotation_matrix(layer) -> np.ndarray:
 @pytest.mark.parametrize("kind", KINDS)
 def test_road_matches_peft_forward_merge_and_inverse(kind):
     peft_model, ours = peft_and_ours(kind)
-    x = inputs()
-    expected = torch_out(peft_model, x)
-    assert np.abs(expected - torch_out(TorchMLP(), x)).max() > 1e-2
-    assert_rel_close(ours(jnp.asarray(x)), expected)
+    x = assert_forward_matches(peft_model, ours)
     # alpha = -1 is the matrix inverse of PEFT's block rotation (what PEFT's unmerge uses)
     up = peft_model.base_model.model.up
     with torch.no_grad():
@@ -61,11 +64,7 @@ def test_road_matches_peft_forward_merge_and_inverse(kind):
     set_alpha(ours, -1.0)
     assert_rel_close(ours.up(jnp.asarray(x)), y @ np.linalg.inv(rotation_matrix(up).astype(np.float64)).T)
     set_alpha(ours, 1.0)
-    merged, merged_torch = merge_adapters(ours), peft_model.merge_and_unload()
-    for name in ("up", "down"):
-        src, dst = merged_torch.get_submodule(name), getattr(merged, name)
-        assert_rel_close(dst.kernel[...], src.weight.detach().numpy().T)
-        assert_rel_close(dst.bias[...], src.bias.detach().numpy())  # ROAD rotates the bias too
+    assert_merged_matches(peft_model.merge_and_unload(), merge_adapters(ours))  # R W and R b
 
 
 def explicit_blocks(kind: str, theta: np.ndarray, m: np.ndarray, d: int) -> np.ndarray:

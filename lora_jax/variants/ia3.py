@@ -1,6 +1,6 @@
 """IA3: learned output gate. Liu et al. 2022 (T-Few), https://arxiv.org/abs/2205.05638
 
-    y = alpha-gated (x W + b) * l,      l (d_out,), one per kernel-batch index
+    y = (x W + b) * l,      l (d_out,), one per kernel-batch index
 
 Identity at t=0: l = 1 (PEFT's init), so the gate multiplies by exactly 1.
 

@@ -12,6 +12,13 @@ import torch
 from flax import nnx
 from peft import HRAConfig as PeftHRAConfig
 from peft import get_peft_model
+from peft_helpers import (
+    FlaxMLP,
+    TorchMLP,
+    assert_forward_matches,
+    assert_merged_matches,
+    assert_rel_close,
+)
 
 from lora_jax import (
     AdapterConfig,
@@ -24,13 +31,6 @@ from lora_jax import (
     set_alpha,
 )
 from lora_jax.rotations import hra_rotation
-from tests.peft_helpers import (
-    FlaxMLP,
-    TorchMLP,
-    assert_forward_matches,
-    assert_merged_matches,
-    assert_rel_close,
-)
 
 R = 4
 

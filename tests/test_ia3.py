@@ -7,10 +7,7 @@ import numpy as np
 import torch
 from peft import IA3Config as PeftIA3Config
 from peft import get_peft_model
-
-from lora_jax import AdapterConfig, IA3Config, IA3FFConfig, Rule, apply_adapters, merge_adapters, set_alpha
-from lora_jax.rotations import gate_power
-from tests.peft_helpers import (
+from peft_helpers import (
     FlaxMLP,
     TorchMLP,
     assert_forward_matches,
@@ -18,6 +15,9 @@ from tests.peft_helpers import (
     assert_rel_close,
     inputs,
 )
+
+from lora_jax import AdapterConfig, IA3Config, IA3FFConfig, Rule, apply_adapters, merge_adapters, set_alpha
+from lora_jax.rotations import gate_power
 
 
 def peft_and_ours():

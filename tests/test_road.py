@@ -9,16 +9,16 @@ import pytest
 import torch
 from peft import RoadConfig, get_peft_model
 from peft.tuners.road.layer import _get_delta_weight
-
-from lora_jax import AdapterConfig, ROADConfig, Rule, apply_adapters, merge_adapters, set_alpha
-from lora_jax.rotations import road_apply, road_columns
-from tests.peft_helpers import (
+from peft_helpers import (
     FlaxMLP,
     TorchMLP,
     assert_forward_matches,
     assert_merged_matches,
     assert_rel_close,
 )
+
+from lora_jax import AdapterConfig, ROADConfig, Rule, apply_adapters, merge_adapters, set_alpha
+from lora_jax.rotations import road_apply, road_columns
 
 KINDS = ["road_1", "road_2", "road_4"]
 GROUP = 4

@@ -1,12 +1,14 @@
-"""IA3, IA3-FF, HRA and ROAD on every layout of tests/layers.py: identity, alpha semantics,
-merge, per-row alpha. Adapter weights are moved off their init first, so nothing here
-passes by the adapter being a no-op."""
+"""IA3, IA3-FF, HRA and ROAD on the layouts of tests/layers.py: alpha=-1 is the exact
+inverse of alpha=+1, and one alpha per row equals separate scalar runs. (Identity, alpha=0,
+merge and training are in tests/test_contract.py.) Adapter weights are moved off their
+init first, so nothing here passes by the adapter being a no-op."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from layers import LAYOUTS
 
 from lora_jax import (
     AdapterConfig,
@@ -20,7 +22,6 @@ from lora_jax import (
     merge_adapters,
     set_alpha,
 )
-from tests.layers import LAYOUTS
 
 CONFIGS = {
     "ia3": IA3Config(),
@@ -66,23 +67,13 @@ CASES = [(lo, n) for n in ("ia3", "ia3_ff", "hra", "road_1") for lo in LAYOUTS] 
 
 
 @pytest.mark.parametrize(("layout", "name"), CASES, ids=[f"{lo.name}-{n}" for lo, n in CASES])
-def test_identity_alpha_merge_inverse(layout, name):
+def test_alpha_minus_one_undoes_alpha_one(layout, name):
+    """The adapter at alpha=-1 on top of the same layer merged at alpha=+1 is the base."""
     base, model, x = adapted(layout, CONFIGS[name])
     y0 = base(x)
-    close(model(x), y0, 1e-6)  # identity at init (HRA: up to rounding of the pair rotation)
-    if name != "hra":
-        assert bool((model(x) == y0).all()), "identity at init must be exact"
     perturb(model)
-    set_alpha(model, 0.0)
-    assert bool((model(x) == y0).all()), "alpha=0 must be bit-identical to the base"
-    for a in (0.6, -0.6):
-        set_alpha(model, a)
-        y = model(x)
-        assert float(jnp.abs(y - y0).max()) > 1e-3, "perturbed adapter should change the output"
-        close(merge_adapters(model)(x), y)
-    # alpha=-1 undoes alpha=1: the same adapter at -1 on top of the layer merged at +1
-    set_alpha(model, 1.0)
     merged = merge_adapters(model)
+    assert float(jnp.abs(merged(x) - y0).max()) > 1e-3, "perturbed adapter should change the output"
     undo = apply_adapters(merged, AdapterConfig(rules=(Rule(pattern="layer", variant=CONFIGS[name]),)))
     nnx.update(undo, nnx.state(model, AdapterParam))
     set_alpha(undo, -1.0)
@@ -103,32 +94,3 @@ def test_per_row_alpha_matches_scalar_runs(layout, name):
     for i, a in enumerate(alphas):
         set_alpha(model, a)
         close(jnp.take(y, i, axis=row_axis), jnp.take(model(x), i, axis=row_axis))
-
-
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_gradient_at_init_is_finite_and_nonzero(name):
-    """Training starts at the identity init: HRA's paired reflections and ROAD's zero angles
-    must still give a gradient that moves every adapter weight."""
-    _, model, x = adapted(LAYOUTS[0], CONFIGS[name])
-    target = jax.random.normal(jax.random.key(7), model(x).shape)
-    grads = nnx.grad(lambda m: jnp.mean((m(x) - target) ** 2), argnums=nnx.DiffState(0, AdapterParam))(model)
-    for leaf in jax.tree.leaves(grads):
-        assert bool(jnp.isfinite(leaf).all())
-        assert float(jnp.abs(leaf).max()) > 1e-4
-
-
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_bf16_base_keeps_its_dtype(name):
-    _, x = LAYOUTS[0].build(0)
-    base = Holder(nnx.Linear(16, 12, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-    model = apply_adapters(base, AdapterConfig(rules=(Rule(pattern="layer", variant=CONFIGS[name]),)))
-    perturb(model)
-    x = x.astype(jnp.bfloat16)
-    set_alpha(model, 0.0)
-    assert bool((model(x) == base(x)).all())
-    set_alpha(model, 1.0)
-    y = model(x)
-    assert y.dtype == jnp.bfloat16
-    merged = merge_adapters(model)
-    assert merged.layer.kernel.dtype == jnp.bfloat16
-    close(merged(x).astype(jnp.float32), y.astype(jnp.float32), 3e-2)

@@ -62,7 +62,7 @@ class HRA(Adapter):
         spec, half = target.spec, config.r // 2
         bound = 1.0 / math.sqrt(half)  # torch kaiming-uniform(a=sqrt 5) on (d_in, r/2): fan_in = r/2
         u = jax.random.uniform(target.key(seed), (*spec.batch_shape, spec.d_in, half), self.dtype, -bound, bound)
-        self.hra_u = AdapterParam(jnp.repeat(u, 2, axis=-1))
+        self.hra_u = self.variable(AdapterParam, jnp.repeat(u, 2, axis=-1), "i-")
 
     def _coords(self, h0: Array, basis: Array, n_delta: Array, n_sigma: Array, alpha: Array) -> Array:
         """``hra_coords`` with the per-pair tensors shaped like ``h0`` (batch + rows + rank)."""

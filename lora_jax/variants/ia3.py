@@ -39,7 +39,9 @@ class IA3Config(VariantConfig):
 class IA3(Adapter):
     def __init__(self, target: Target, config: IA3Config):
         super().__init__(target, config)
-        self.ia3_l = AdapterParam(jnp.ones((*target.spec.batch_shape, target.spec.d_out), self.dtype))
+        self.ia3_l = self.variable(
+            AdapterParam, jnp.ones((*target.spec.batch_shape, target.spec.d_out), self.dtype), "o"
+        )
 
     def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:
         y = call_base(x)

@@ -39,7 +39,9 @@ class IA3FFConfig(VariantConfig):
 class IA3FF(Adapter):
     def __init__(self, target: Target, config: IA3FFConfig):
         super().__init__(target, config)
-        self.ia3_l = AdapterParam(jnp.ones((*target.spec.batch_shape, target.spec.d_in), self.dtype))
+        self.ia3_l = self.variable(
+            AdapterParam, jnp.ones((*target.spec.batch_shape, target.spec.d_in), self.dtype), "i"
+        )
 
     def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:
         alpha = self.alpha_for("out", x.ndim)  # validates a per-row alpha against this layout

@@ -67,8 +67,9 @@ class ROAD(Adapter):
     def __init__(self, target: Target, config: ROADConfig):
         super().__init__(target, config)
         shape = (*target.spec.batch_shape, int(target.spec.d_out * _SIZES[config.kind]))
-        self.theta = AdapterParam(jnp.zeros(shape, self.dtype))
-        self.magnitude = AdapterParam(jnp.ones(shape, self.dtype))
+        # d_out/2 or 2 d_out long, so not laid out like the kernel's outputs: replicated
+        self.theta = self.variable(AdapterParam, jnp.zeros(shape, self.dtype), "-")
+        self.magnitude = self.variable(AdapterParam, jnp.ones(shape, self.dtype), "-")
 
     def _columns(self, alpha: Array, n_rows: int) -> tuple[Array, Array]:
         """Columns at ``alpha``, parameters lifted over ``n_rows`` row axes."""

@@ -92,3 +92,9 @@ def test_per_row_alpha_matches_scalar_runs(layout, name):
     for i, a in enumerate(alphas):
         set_alpha(model, a)
         close(jnp.take(y, i, axis=row_axis), jnp.take(model(x), i, axis=row_axis))
+
+
+def test_configs_round_trip_through_json():
+    """ROAD's option is ``kind``, not ``variant``: the JSON key ``variant`` names the method."""
+    cfg = AdapterConfig(rules=tuple(Rule(pattern=name, variant=v) for name, v in CONFIGS.items()))
+    assert AdapterConfig.from_json(cfg.to_json()) == cfg

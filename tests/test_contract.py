@@ -46,6 +46,13 @@ CASES: dict[str, Case] = {
     "lora": Case(lj.LoRAConfig(r=4, lora_alpha=8), zero_grad_at_init=("lora_a",)),
     "rslora": Case(lj.LoRAConfig(r=4, lora_alpha=8, rslora=True), zero_grad_at_init=("lora_a",)),
     "antipasto": Case(lj.AntiPaSTOConfig(r=4, block_size=2, rotate="both")),
+    "ia3": Case(lj.IA3Config()),
+    "ia3_ff": Case(lj.IA3FFConfig()),
+    "hra": Case(lj.HRAConfig(r=4)),
+    # group_size=2: every layout's d_out is even, not every one is a multiple of 4
+    "road_1": Case(lj.ROADConfig(kind="road_1", group_size=2)),
+    "road_2": Case(lj.ROADConfig(kind="road_2", group_size=2)),
+    "road_4": Case(lj.ROADConfig(kind="road_4", group_size=2)),
 }
 
 

@@ -40,8 +40,8 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Target, VariantConfig
-from lora_jax.linalg import randomized_svd, top_r_svd
 from lora_jax.cayley import block_diag, bound_skew, cayley_delta, n_params, skew_from_params
+from lora_jax.linalg import randomized_svd, top_r_svd
 from lora_jax.variants._checks import check_rank
 
 ROTATE = ("input", "output", "both", "none")

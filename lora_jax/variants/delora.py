@@ -6,7 +6,10 @@ Flax layout: ``A (d_in, r)`` with columns ``a_i``, ``B (r, d_out)`` with rows ``
 ``w (d_in,)`` the frozen norms of the kernel's input rows (PEFT's ``W.norm(dim=0)``),
 ``lambda`` a trainable scalar per kernel-batch index (PEFT default 15). Each rank-1 term
 is normalised, so the update's norm is bounded by ``|alpha| lambda`` times the input-row
-norms whatever A and B grow to. Norms are clamped at 1e-4 as in PEFT.
+norms whatever A and B grow to. Norms are clamped at 1e-4 as in PEFT (on the squared
+norm, so the gradient at B = 0 is finite). Once a row of B leaves the clamp its term has
+the full normalised size, so the first optimizer step from B = 0 already moves the layer
+by up to lambda / r per rank: a large jump at PEFT's lambda = 15.
 
 Identity at t=0: bit-exact (B = 0, so the last matmul is over exact zeros; B's clamped
 norm keeps the scale finite).
@@ -32,7 +35,7 @@ from lora_jax.linalg import column_norms, row_norms
 from lora_jax.variants._checks import check_dropout, check_rank, dense_kernel
 from lora_jax.variants._lowrank import kaiming_a
 
-_CLAMP = 1e-4  # PEFT's floor on the factor norms: keeps B = 0 at init finite
+_CLAMP = 1e-4  # PEFT's floor on the factor norms: keeps the scale finite at B = 0
 
 
 class DeLoRALambda(AdapterParam):
@@ -72,9 +75,8 @@ class DeLoRA(Adapter):
 
     def _rank_scale(self) -> Array:
         """``lambda / (r |a_i| |b_i|)``, shape ``(*batch, r)``."""
-        a_norm = jnp.maximum(column_norms(self.lora_a[...]), _CLAMP)
-        b_norm = jnp.maximum(row_norms(self.lora_b[...]), _CLAMP)
-        return self.delora_lambda[...][..., None] / self.config.r / (a_norm * b_norm)
+        norms = column_norms(self.lora_a[...], _CLAMP) * row_norms(self.lora_b[...], _CLAMP)
+        return self.delora_lambda[...][..., None] / self.config.r / norms
 
     def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:
         y = call_base(x)

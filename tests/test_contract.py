@@ -45,6 +45,12 @@ class Case:
 CASES: dict[str, Case] = {
     "lora": Case(lj.LoRAConfig(r=4, lora_alpha=8), zero_grad_at_init=("lora_a",)),
     "rslora": Case(lj.LoRAConfig(r=4, lora_alpha=8, rslora=True), zero_grad_at_init=("lora_a",)),
+    "pissa": Case(lj.PiSSAConfig(r=4, lora_alpha=8)),
+    "olora": Case(lj.OLoRAConfig(r=4, lora_alpha=8)),
+    "dora": Case(lj.DoRAConfig(r=4, lora_alpha=8), zero_grad_at_init=("lora_a",)),
+    # DeLoRA normalises each rank term, so even a small perturbation gives the teacher a
+    # full-size delta (lambda / r per term) that the student reaches slowly from B = 0.
+    "delora": Case(lj.DeLoRAConfig(r=4), zero_grad_at_init=("lora_a", "delora_lambda"), steps=600),
 }
 
 

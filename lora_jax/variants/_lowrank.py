@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import jax
-from jaxtyping import Array, Float
+import jax.numpy as jnp
 
-from lora_jax.views import EinsumSpec
+from lora_jax.adapter import Adapter, AdapterParam
 
 
 def lora_scale(lora_alpha: float, r: int, rslora: bool) -> float:
@@ -16,7 +15,11 @@ def lora_scale(lora_alpha: float, r: int, rslora: bool) -> float:
     return lora_alpha / (math.sqrt(r) if rslora else r)
 
 
-def kaiming_a(key: jax.Array, spec: EinsumSpec, r: int, dtype: Any) -> Float[Array, "*batch d_in r"]:
-    """PEFT's down-projection init, kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(d_in))."""
+def lora_pair(adapter: Adapter, key: jax.Array, r: int) -> tuple[AdapterParam, AdapterParam]:
+    """PEFT's LoRA init as the adapter's Variables: ``A (*batch, d_in, r)`` kaiming-uniform
+    (a=sqrt(5)), i.e. U(+-1/sqrt(d_in)), and ``B (*batch, r, d_out)`` zero."""
+    spec, dtype = adapter.spec, adapter.dtype
     bound = 1.0 / math.sqrt(spec.d_in)
-    return jax.random.uniform(key, (*spec.batch_shape, spec.d_in, r), dtype, -bound, bound)
+    a = jax.random.uniform(key, (*spec.batch_shape, spec.d_in, r), dtype, -bound, bound)
+    b = jnp.zeros((*spec.batch_shape, r, spec.d_out), dtype)
+    return adapter.variable(AdapterParam, a, "i-"), adapter.variable(AdapterParam, b, "-o")

@@ -33,7 +33,7 @@ from jaxtyping import Array
 from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Target, VariantConfig
 from lora_jax.linalg import column_norms, row_norms
 from lora_jax.variants._checks import check_dropout, check_rank, dense_kernel
-from lora_jax.variants._lowrank import kaiming_a
+from lora_jax.variants._lowrank import lora_pair
 
 _CLAMP = 1e-4  # PEFT's floor on the factor norms: keeps the scale finite at B = 0
 
@@ -65,12 +65,11 @@ class DeLoRAConfig(VariantConfig):
 class DeLoRA(Adapter):
     def __init__(self, target: Target, config: DeLoRAConfig, w_norm: Array, *, seed: int):
         super().__init__(target, config)
-        spec, r = target.spec, config.r
         key_a, key_dropout = jax.random.split(target.key(seed))
-        self.lora_a = AdapterParam(kaiming_a(key_a, spec, r, self.dtype))
-        self.lora_b = AdapterParam(jnp.zeros((*spec.batch_shape, r, spec.d_out), self.dtype))
-        self.delora_lambda = DeLoRALambda(jnp.full(spec.batch_shape, config.delora_lambda, self.dtype))
-        self.w_norm = AdapterState(w_norm.astype(self.dtype))
+        self.lora_a, self.lora_b = lora_pair(self, key_a, config.r)
+        lam = jnp.full(target.spec.batch_shape, config.delora_lambda, self.dtype)
+        self.delora_lambda = self.variable(DeLoRALambda, lam, "")
+        self.w_norm = self.variable(AdapterState, w_norm.astype(self.dtype), "i")
         self.dropout = nnx.Dropout(config.dropout, rngs=nnx.Rngs(dropout=key_dropout)) if config.dropout else None
 
     def _rank_scale(self) -> Array:

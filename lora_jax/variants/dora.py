@@ -32,7 +32,7 @@ from jaxtyping import Array
 
 from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Target, VariantConfig
 from lora_jax.variants._checks import check_rank, dense_kernel
-from lora_jax.variants._lowrank import kaiming_a, lora_scale
+from lora_jax.variants._lowrank import lora_pair, lora_scale
 
 
 class DoRAMagnitude(AdapterParam):
@@ -62,11 +62,9 @@ class DoRAConfig(VariantConfig):
 class DoRA(Adapter):
     def __init__(self, target: Target, config: DoRAConfig, sq_norm: Array, *, seed: int):
         super().__init__(target, config)
-        spec = target.spec
-        self.lora_a = AdapterParam(kaiming_a(target.key(seed), spec, config.r, self.dtype))
-        self.lora_b = AdapterParam(jnp.zeros((*spec.batch_shape, config.r, spec.d_out), self.dtype))
-        self.sq_norm = AdapterState(sq_norm)
-        self.magnitude = DoRAMagnitude(self._norm(jnp.zeros_like(sq_norm)))
+        self.lora_a, self.lora_b = lora_pair(self, target.key(seed), config.r)
+        self.sq_norm = self.variable(AdapterState, sq_norm, "o")
+        self.magnitude = self.variable(DoRAMagnitude, self._norm(jnp.zeros_like(sq_norm)), "o")
 
     def _norm(self, correction: Array) -> Array:
         return jnp.sqrt(jnp.maximum(self.sq_norm[...] + correction, jnp.finfo(self.dtype).tiny))

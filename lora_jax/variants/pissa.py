@@ -76,8 +76,8 @@ class PiSSA(Adapter):
     def __init__(self, target: Target, config: PiSSAConfig, a0: Array, b0: Array, *, seed: int):
         super().__init__(target, config)
         a0, b0 = a0.astype(self.dtype), b0.astype(self.dtype)
-        self.lora_a, self.lora_b = AdapterParam(a0), AdapterParam(b0)
-        self.base_a, self.base_b = AdapterState(a0), AdapterState(b0)
+        self.lora_a, self.lora_b = self.variable(AdapterParam, a0, "i-"), self.variable(AdapterParam, b0, "-o")
+        self.base_a, self.base_b = self.variable(AdapterState, a0, "i-"), self.variable(AdapterState, b0, "-o")
         self.dropout = nnx.Dropout(config.dropout, rngs=nnx.Rngs(dropout=target.key(seed))) if config.dropout else None
 
     def lora_factors(self) -> tuple[Float[Array, "*batch d_in 2r"], Float[Array, "*batch 2r d_out"]]:

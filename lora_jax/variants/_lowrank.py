@@ -1,18 +1,35 @@
-"""Pieces the low-rank variants share with LoRA's conventions (PEFT's defaults)."""
+"""Pieces the LoRA-shaped variants share, with PEFT's conventions and defaults."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 
-from lora_jax.adapter import Adapter, AdapterParam
+from lora_jax.adapter import Adapter, AdapterParam, VariantConfig
+from lora_jax.variants._checks import check_dropout
 
 
-def lora_scale(lora_alpha: float, r: int, rslora: bool) -> float:
-    """PEFT's ``scaling``: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA."""
-    return lora_alpha / (math.sqrt(r) if rslora else r)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LowRankConfig(VariantConfig):
+    """``r`` rank, ``lora_alpha`` scale numerator (PEFT's ``lora_alpha``), ``rslora``
+    for ``lora_alpha / sqrt(r)``, ``dropout`` on the adapter's input (train mode only)."""
+
+    r: int = 8
+    lora_alpha: float = 8.0
+    rslora: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_dropout(self.name, self.dropout)
+
+    @property
+    def scale(self) -> float:
+        """PEFT's ``scaling``."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
 def lora_pair(adapter: Adapter, key: jax.Array, r: int) -> tuple[AdapterParam, AdapterParam]:

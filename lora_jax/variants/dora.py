@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Target, VariantConfig
+from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Target
 from lora_jax.variants._checks import check_rank, dense_kernel
-from lora_jax.variants._lowrank import lora_pair, lora_scale
+from lora_jax.variants._lowrank import LowRankConfig, lora_pair
 
 
 class DoRAMagnitude(AdapterParam):
@@ -40,18 +40,16 @@ class DoRAMagnitude(AdapterParam):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DoRAConfig(VariantConfig):
-    """``r``, ``lora_alpha``, ``rslora`` as in LoRA (no dropout: PEFT's DoRA dropout
-    needs a second base matmul on the dropped input; not implemented)."""
+class DoRAConfig(LowRankConfig):
+    """``r``, ``lora_alpha``, ``rslora`` as in LoRA. ``dropout`` must stay 0: PEFT's DoRA
+    dropout runs a second base matmul on the dropped input, not implemented here."""
 
     name = "dora"
-    r: int = 8
-    lora_alpha: float = 8.0
-    rslora: bool = False
 
-    @property
-    def scale(self) -> float:
-        return lora_scale(self.lora_alpha, self.r, self.rslora)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dropout:
+            raise ValueError(f"dora: dropout={self.dropout} is not supported; use dropout=0.0 (or lora with dropout)")
 
     def build(self, target: Target, *, seed: int) -> DoRA:
         check_rank(self.name, self.r, target)

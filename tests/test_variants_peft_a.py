@@ -294,3 +294,22 @@ def check_grads(model, theirs, names, x, g):
         got = getattr(ours.layer, name)[...]
         assert np.all(np.isfinite(got)), name
         assert rel_err(got, want.T if want.ndim == 2 else want.reshape(got.shape)) < 1e-5, name
+
+
+@pytest.mark.parametrize(
+    "variant", [PiSSAConfig(r=2, dropout=0.5), OLoRAConfig(r=2, dropout=0.5), DeLoRAConfig(r=2, dropout=0.5)]
+)
+def test_dropout_acts_only_in_train_mode_and_only_on_the_adapter(variant):
+    layer, x = LAYOUTS[0].build()
+    y_base = layer(x)
+    model = adapt(layer, variant)
+    perturb(model)
+    model.eval()
+    y_eval = model(x)
+    assert rel_err(merge_adapters(model)(x), y_eval) < 1e-5
+    model.train()
+    assert rel_err(model(x), y_eval) > 1e-3
+    set_alpha(model, 0.0)
+    assert jnp.array_equal(model(x), y_base)
+    with pytest.raises(ValueError, match=r"dora: dropout=0.5 is not supported; use dropout=0.0"):
+        DoRAConfig(dropout=0.5)

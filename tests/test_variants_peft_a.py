@@ -154,7 +154,7 @@ READS_KERNEL = {k: CONFIGS[k] for k in ("pissa", "olora", "dora", "delora")}
 
 @pytest.mark.parametrize("variant", READS_KERNEL.values(), ids=READS_KERNEL.keys())
 def test_variants_that_read_the_kernel_refuse_one_that_is_not_dense(variant):
-    with pytest.raises(ValueError, match=r"kernel 'w' of 'layer' is a int8 array, not a dense float array"):
+    with pytest.raises(ValueError, match=r"kernel 'w' of 'layer' is an array of dtype int8, not a dense float array"):
         adapt(Int8Linear(), variant)
     adapt(Int8Linear(), LoRAConfig(r=2))  # LoRA never reads it, so the same layer is fine there
 

@@ -32,7 +32,7 @@ def dense_kernel(variant: str, target: Target, dtype: Any) -> Float[Array, "*bat
     except Exception as err:  # any failure to read it means the same thing here
         kernel = err
     if not isinstance(kernel, jax.Array | np.ndarray) or not jnp.issubdtype(kernel.dtype, jnp.floating):
-        what = f"a {kernel.dtype} array" if hasattr(kernel, "dtype") else f"a {type(kernel).__name__}"
+        what = f"an array of dtype {kernel.dtype}" if hasattr(kernel, "dtype") else f"a {type(kernel).__name__}"
         raise ValueError(
             f"{variant}: the kernel {target.info.kernel!r} of {target.path!r} is {what}, not a dense float "
             f"array, and {variant} reads the dense weights at init; dequantize the layer first (or register a "

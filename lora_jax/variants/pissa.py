@@ -73,7 +73,7 @@ class PiSSA(Adapter):
         key = jax.random.fold_in(target.key(seed), 1)  # not the randomized SVD's key
         self.dropout = nnx.Dropout(config.dropout, rngs=nnx.Rngs(dropout=key)) if config.dropout else None
 
-    def lora_factors(self) -> tuple[Float[Array, "*batch d_in 2r"], Float[Array, "*batch 2r d_out"]]:
+    def lora_factors(self) -> tuple[Float[Array, "*batch d_in r2"], Float[Array, "*batch r2 d_out"]]:
         """``(A', B')`` of rank 2r with ``A' B' = A B - A0 B0``, zero blocks at init."""
         a, b, a0, b0 = self.lora_a[...], self.lora_b[...], self.base_a[...], self.base_b[...]
         return jnp.concatenate([a - a0, a0], axis=-1), jnp.concatenate([b, b - b0], axis=-2)

@@ -159,6 +159,25 @@ def test_variants_that_read_the_kernel_refuse_one_that_is_not_dense(variant):
     adapt(Int8Linear(), LoRAConfig(r=2))  # LoRA never reads it, so the same layer is fine there
 
 
+class Packed:
+    """An opaque weight container (packed 4-bit, say): it has a shape but is no array."""
+
+    shape = (16, 12)
+
+
+class PackedLinear(nnx.Module):
+    def __init__(self):
+        self.w = Packed()
+
+
+register_view(PackedLinear, lambda m: ViewInfo("...i,io->...o", kernel="w"))
+
+
+def test_an_opaque_kernel_container_is_named_in_the_error():
+    with pytest.raises(ValueError, match=r"pissa: the kernel 'w' of 'layer' is a Packed, not a dense float array"):
+        adapt(PackedLinear(), PiSSAConfig(r=2))
+
+
 @pytest.mark.parametrize("variant", READS_KERNEL.values(), ids=READS_KERNEL.keys())
 def test_rank_bounds(variant):
     layer, _ = LAYOUTS[0].build()  # d_in=16, d_out=12

@@ -29,8 +29,8 @@ def dense_kernel(variant: str, target: Target, dtype: Any) -> Float[Array, "*bat
     decomposed as if its raw storage were the weight."""
     try:
         kernel = target.kernel
-    except Exception as err:  # any failure to read it means the same thing here
-        kernel = err
+    except TypeError:  # not indexable with [...]: name the object itself in the message
+        kernel = getattr(target.module, target.info.kernel)
     if not isinstance(kernel, jax.Array | np.ndarray) or not jnp.issubdtype(kernel.dtype, jnp.floating):
         what = f"an array of dtype {kernel.dtype}" if hasattr(kernel, "dtype") else f"a {type(kernel).__name__}"
         raise ValueError(

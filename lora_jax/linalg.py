@@ -62,16 +62,23 @@ def lq(m: Float[Array, "*batch d_in d_out"]) -> tuple[Float[Array, "*batch d_in 
     return _t(r), _t(q)
 
 
-def column_norms(m: Float[Array, "*batch a b"]) -> Float[Array, "*batch b"]:
-    """L2 norm of each column (over axis -2). On a Flax kernel ``(d_in, d_out)``: one
-    norm per output, PyTorch's ``W.norm(dim=1)``."""
-    return jnp.sqrt(jnp.sum(jnp.square(m), axis=-2))
+def _norms(m: Array, axis: int, floor: float) -> Array:
+    # Flooring the square before the sqrt, not the norm after it, keeps the gradient
+    # finite at a zero vector (d sqrt(0) is inf, and 0 * inf is NaN even behind a max).
+    return jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(m), axis=axis), floor * floor))
 
 
-def row_norms(m: Float[Array, "*batch a b"]) -> Float[Array, "*batch a"]:
-    """L2 norm of each row (over axis -1). On a Flax kernel: one norm per input channel,
-    PyTorch's ``W.norm(dim=0)``."""
-    return jnp.sqrt(jnp.sum(jnp.square(m), axis=-1))
+def column_norms(m: Float[Array, "*batch a b"], floor: float = 0.0) -> Float[Array, "*batch b"]:
+    """L2 norm of each column (over axis -2), at least ``floor``. On a Flax kernel
+    ``(d_in, d_out)``: one norm per output, PyTorch's ``W.norm(dim=1)``. With ``floor > 0``
+    the gradient is finite (zero) at a zero column."""
+    return _norms(m, -2, floor)
+
+
+def row_norms(m: Float[Array, "*batch a b"], floor: float = 0.0) -> Float[Array, "*batch a"]:
+    """L2 norm of each row (over axis -1), at least ``floor``. On a Flax kernel: one norm
+    per input channel, PyTorch's ``W.norm(dim=0)``."""
+    return _norms(m, -1, floor)
 
 
 def svd_error(m: Float[Array, "*batch a b"], u: Array, s: Array, vh: Array) -> Float[Array, "*batch"]:

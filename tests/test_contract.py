@@ -53,6 +53,12 @@ CASES: dict[str, Case] = {
     "road_1": Case(lj.ROADConfig(kind="road_1", group_size=2)),
     "road_2": Case(lj.ROADConfig(kind="road_2", group_size=2)),
     "road_4": Case(lj.ROADConfig(kind="road_4", group_size=2)),
+    "pissa": Case(lj.PiSSAConfig(r=4, lora_alpha=8)),
+    "olora": Case(lj.OLoRAConfig(r=4, lora_alpha=8)),
+    "dora": Case(lj.DoRAConfig(r=4, lora_alpha=8), zero_grad_at_init=("lora_a",)),
+    # DeLoRA normalises each rank term, so even a small perturbation gives the teacher a
+    # full-size delta (lambda / r per term) that the student reaches slowly from B = 0.
+    "delora": Case(lj.DeLoRAConfig(r=4), zero_grad_at_init=("lora_a", "delora_lambda"), steps=600),
 }
 
 

@@ -29,10 +29,10 @@ def dense_kernel(variant: str, target: Target, dtype: Any) -> Float[Array, "*bat
     decomposed as if its raw storage were the weight."""
     try:
         kernel = target.kernel
-    except Exception as err:  # any failure to read it means the same thing here
-        kernel = err
+    except TypeError:  # not indexable with [...]: name the object itself in the message
+        kernel = getattr(target.module, target.info.kernel)
     if not isinstance(kernel, jax.Array | np.ndarray) or not jnp.issubdtype(kernel.dtype, jnp.floating):
-        what = f"a {kernel.dtype} array" if hasattr(kernel, "dtype") else f"a {type(kernel).__name__}"
+        what = f"an array of dtype {kernel.dtype}" if hasattr(kernel, "dtype") else f"a {type(kernel).__name__}"
         raise ValueError(
             f"{variant}: the kernel {target.info.kernel!r} of {target.path!r} is {what}, not a dense float "
             f"array, and {variant} reads the dense weights at init; dequantize the layer first (or register a "

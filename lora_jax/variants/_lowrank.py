@@ -1,22 +1,42 @@
-"""Pieces the low-rank variants share with LoRA's conventions (PEFT's defaults)."""
+"""Pieces the LoRA-shaped variants share, with PEFT's conventions and defaults."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
 
 import jax
-from jaxtyping import Array, Float
+import jax.numpy as jnp
 
-from lora_jax.views import EinsumSpec
-
-
-def lora_scale(lora_alpha: float, r: int, rslora: bool) -> float:
-    """PEFT's ``scaling``: ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA."""
-    return lora_alpha / (math.sqrt(r) if rslora else r)
+from lora_jax.adapter import Adapter, AdapterParam, VariantConfig
+from lora_jax.variants._checks import check_dropout
 
 
-def kaiming_a(key: jax.Array, spec: EinsumSpec, r: int, dtype: Any) -> Float[Array, "*batch d_in r"]:
-    """PEFT's down-projection init, kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(d_in))."""
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LowRankConfig(VariantConfig):
+    """``r`` rank, ``lora_alpha`` scale numerator (PEFT's ``lora_alpha``), ``rslora``
+    for ``lora_alpha / sqrt(r)``, ``dropout`` on the adapter's input (train mode only)."""
+
+    r: int = 8
+    lora_alpha: float = 8.0
+    rslora: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_dropout(self.name, self.dropout)
+
+    @property
+    def scale(self) -> float:
+        """PEFT's ``scaling``."""
+        return self.lora_alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+def lora_pair(adapter: Adapter, key: jax.Array, r: int) -> tuple[AdapterParam, AdapterParam]:
+    """PEFT's LoRA init as the adapter's Variables: ``A (*batch, d_in, r)`` kaiming-uniform
+    (a=sqrt(5)), i.e. U(+-1/sqrt(d_in)), and ``B (*batch, r, d_out)`` zero."""
+    spec, dtype = adapter.spec, adapter.dtype
     bound = 1.0 / math.sqrt(spec.d_in)
-    return jax.random.uniform(key, (*spec.batch_shape, spec.d_in, r), dtype, -bound, bound)
+    a = jax.random.uniform(key, (*spec.batch_shape, spec.d_in, r), dtype, -bound, bound)
+    b = jnp.zeros((*spec.batch_shape, r, spec.d_out), dtype)
+    return adapter.variable(AdapterParam, a, "i-"), adapter.variable(AdapterParam, b, "-o")

@@ -6,7 +6,10 @@ Flax layout: ``A (d_in, r)`` with columns ``a_i``, ``B (r, d_out)`` with rows ``
 ``w (d_in,)`` the frozen norms of the kernel's input rows (PEFT's ``W.norm(dim=0)``),
 ``lambda`` a trainable scalar per kernel-batch index (PEFT default 15). Each rank-1 term
 is normalised, so the update's norm is bounded by ``|alpha| lambda`` times the input-row
-norms whatever A and B grow to. Norms are clamped at 1e-4 as in PEFT.
+norms whatever A and B grow to. Norms are clamped at 1e-4 as in PEFT (on the squared
+norm, so the gradient at B = 0 is finite). Once a row of B leaves the clamp its term has
+the full normalised size, so the first optimizer step from B = 0 already moves the layer
+by up to lambda / r per rank: a large jump at PEFT's lambda = 15.
 
 Identity at t=0: bit-exact (B = 0, so the last matmul is over exact zeros; B's clamped
 norm keeps the scale finite).
@@ -30,9 +33,9 @@ from jaxtyping import Array
 from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Target, VariantConfig
 from lora_jax.linalg import column_norms, row_norms
 from lora_jax.variants._checks import check_dropout, check_rank, dense_kernel
-from lora_jax.variants._lowrank import kaiming_a
+from lora_jax.variants._lowrank import lora_pair
 
-_CLAMP = 1e-4  # PEFT's floor on the factor norms: keeps B = 0 at init finite
+_CLAMP = 1e-4  # PEFT's floor on the factor norms: keeps the scale finite at B = 0
 
 
 class DeLoRALambda(AdapterParam):
@@ -62,19 +65,17 @@ class DeLoRAConfig(VariantConfig):
 class DeLoRA(Adapter):
     def __init__(self, target: Target, config: DeLoRAConfig, w_norm: Array, *, seed: int):
         super().__init__(target, config)
-        spec, r = target.spec, config.r
         key_a, key_dropout = jax.random.split(target.key(seed))
-        self.lora_a = AdapterParam(kaiming_a(key_a, spec, r, self.dtype))
-        self.lora_b = AdapterParam(jnp.zeros((*spec.batch_shape, r, spec.d_out), self.dtype))
-        self.delora_lambda = DeLoRALambda(jnp.full(spec.batch_shape, config.delora_lambda, self.dtype))
-        self.w_norm = AdapterState(w_norm.astype(self.dtype))
+        self.lora_a, self.lora_b = lora_pair(self, key_a, config.r)
+        lam = jnp.full(target.spec.batch_shape, config.delora_lambda, self.dtype)
+        self.delora_lambda = self.variable(DeLoRALambda, lam, "")
+        self.w_norm = self.variable(AdapterState, w_norm.astype(self.dtype), "i")
         self.dropout = nnx.Dropout(config.dropout, rngs=nnx.Rngs(dropout=key_dropout)) if config.dropout else None
 
     def _rank_scale(self) -> Array:
         """``lambda / (r |a_i| |b_i|)``, shape ``(*batch, r)``."""
-        a_norm = jnp.maximum(column_norms(self.lora_a[...]), _CLAMP)
-        b_norm = jnp.maximum(row_norms(self.lora_b[...]), _CLAMP)
-        return self.delora_lambda[...][..., None] / self.config.r / (a_norm * b_norm)
+        norms = column_norms(self.lora_a[...], _CLAMP) * row_norms(self.lora_b[...], _CLAMP)
+        return self.delora_lambda[...][..., None] / self.config.r / norms
 
     def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:
         y = call_base(x)

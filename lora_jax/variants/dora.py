@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Target, VariantConfig
+from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Target
 from lora_jax.variants._checks import check_rank, dense_kernel
-from lora_jax.variants._lowrank import kaiming_a, lora_scale
+from lora_jax.variants._lowrank import LowRankConfig, lora_pair
 
 
 class DoRAMagnitude(AdapterParam):
@@ -40,18 +40,16 @@ class DoRAMagnitude(AdapterParam):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DoRAConfig(VariantConfig):
-    """``r``, ``lora_alpha``, ``rslora`` as in LoRA (no dropout: PEFT's DoRA dropout
-    needs a second base matmul on the dropped input; not implemented)."""
+class DoRAConfig(LowRankConfig):
+    """``r``, ``lora_alpha``, ``rslora`` as in LoRA. ``dropout`` must stay 0: PEFT's DoRA
+    dropout runs a second base matmul on the dropped input, not implemented here."""
 
     name = "dora"
-    r: int = 8
-    lora_alpha: float = 8.0
-    rslora: bool = False
 
-    @property
-    def scale(self) -> float:
-        return lora_scale(self.lora_alpha, self.r, self.rslora)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dropout:
+            raise ValueError(f"dora: dropout={self.dropout} is not supported; use dropout=0.0 (or lora with dropout)")
 
     def build(self, target: Target, *, seed: int) -> DoRA:
         check_rank(self.name, self.r, target)
@@ -62,11 +60,9 @@ class DoRAConfig(VariantConfig):
 class DoRA(Adapter):
     def __init__(self, target: Target, config: DoRAConfig, sq_norm: Array, *, seed: int):
         super().__init__(target, config)
-        spec = target.spec
-        self.lora_a = AdapterParam(kaiming_a(target.key(seed), spec, config.r, self.dtype))
-        self.lora_b = AdapterParam(jnp.zeros((*spec.batch_shape, config.r, spec.d_out), self.dtype))
-        self.sq_norm = AdapterState(sq_norm)
-        self.magnitude = DoRAMagnitude(self._norm(jnp.zeros_like(sq_norm)))
+        self.lora_a, self.lora_b = lora_pair(self, target.key(seed), config.r)
+        self.sq_norm = self.variable(AdapterState, sq_norm, "o")
+        self.magnitude = self.variable(DoRAMagnitude, self._norm(jnp.zeros_like(sq_norm)), "o")
 
     def _norm(self, correction: Array) -> Array:
         return jnp.sqrt(jnp.maximum(self.sq_norm[...] + correction, jnp.finfo(self.dtype).tiny))

@@ -20,30 +20,18 @@ from __future__ import annotations
 
 import dataclasses
 
-from lora_jax.adapter import Target, VariantConfig
+from lora_jax.adapter import Target
 from lora_jax.linalg import lq
-from lora_jax.variants._checks import check_dropout, check_rank, dense_kernel
-from lora_jax.variants._lowrank import lora_scale
+from lora_jax.variants._checks import check_rank, dense_kernel
+from lora_jax.variants._lowrank import LowRankConfig
 from lora_jax.variants.pissa import PiSSA
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class OLoRAConfig(VariantConfig):
+class OLoRAConfig(LowRankConfig):
     """``r``, ``lora_alpha``, ``rslora``, ``dropout`` as in LoRA."""
 
     name = "olora"
-    r: int = 8
-    lora_alpha: float = 8.0
-    rslora: bool = False
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_dropout(self.name, self.dropout)
-
-    @property
-    def scale(self) -> float:
-        return lora_scale(self.lora_alpha, self.r, self.rslora)
 
     def build(self, target: Target, *, seed: int) -> OLoRA:
         check_rank(self.name, self.r, target)

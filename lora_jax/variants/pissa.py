@@ -26,38 +26,30 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
-from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Target, VariantConfig
+from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Target
 from lora_jax.linalg import randomized_svd, top_r_svd
-from lora_jax.variants._checks import check_dropout, check_rank, dense_kernel
-from lora_jax.variants._lowrank import lora_scale
+from lora_jax.variants._checks import check_rank, dense_kernel
+from lora_jax.variants._lowrank import LowRankConfig
 from lora_jax.variants.lora import LoRA, LoRAConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class PiSSAConfig(VariantConfig):
+class PiSSAConfig(LowRankConfig):
     """``r``, ``lora_alpha``, ``rslora``, ``dropout`` as in LoRA. ``niter=None`` takes a
     full SVD; an integer takes a randomized SVD with that many power iterations."""
 
     name = "pissa"
-    r: int = 8
-    lora_alpha: float = 8.0
-    rslora: bool = False
-    dropout: float = 0.0
     niter: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_dropout(self.name, self.dropout)
         if self.niter is not None and (not isinstance(self.niter, int) or self.niter < 0):
             raise ValueError(f"pissa: niter={self.niter!r} must be None (full SVD) or an integer >= 0")
-
-    @property
-    def scale(self) -> float:
-        return lora_scale(self.lora_alpha, self.r, self.rslora)
 
     def build(self, target: Target, *, seed: int) -> PiSSA:
         check_rank(self.name, self.r, target)
@@ -76,11 +68,12 @@ class PiSSA(Adapter):
     def __init__(self, target: Target, config: PiSSAConfig, a0: Array, b0: Array, *, seed: int):
         super().__init__(target, config)
         a0, b0 = a0.astype(self.dtype), b0.astype(self.dtype)
-        self.lora_a, self.lora_b = AdapterParam(a0), AdapterParam(b0)
-        self.base_a, self.base_b = AdapterState(a0), AdapterState(b0)
-        self.dropout = nnx.Dropout(config.dropout, rngs=nnx.Rngs(dropout=target.key(seed))) if config.dropout else None
+        self.lora_a, self.lora_b = self.variable(AdapterParam, a0, "i-"), self.variable(AdapterParam, b0, "-o")
+        self.base_a, self.base_b = self.variable(AdapterState, a0, "i-"), self.variable(AdapterState, b0, "-o")
+        key = jax.random.fold_in(target.key(seed), 1)  # not the randomized SVD's key
+        self.dropout = nnx.Dropout(config.dropout, rngs=nnx.Rngs(dropout=key)) if config.dropout else None
 
-    def lora_factors(self) -> tuple[Float[Array, "*batch d_in 2r"], Float[Array, "*batch 2r d_out"]]:
+    def lora_factors(self) -> tuple[Float[Array, "*batch d_in r2"], Float[Array, "*batch r2 d_out"]]:
         """``(A', B')`` of rank 2r with ``A' B' = A B - A0 B0``, zero blocks at init."""
         a, b, a0, b0 = self.lora_a[...], self.lora_b[...], self.base_a[...], self.base_b[...]
         return jnp.concatenate([a - a0, a0], axis=-1), jnp.concatenate([b, b - b0], axis=-2)

@@ -18,7 +18,7 @@ from lora_jax.surgery import (
 from lora_jax.variants import VARIANTS, LoRA, LoRAConfig
 from lora_jax.views import EinsumSpec, UnsupportedLayerError, ViewInfo, register_view, view_of
 
-__version__ = "0.1.0"
+from lora_jax._version import __version__
 
 __all__ = [
     "Adapter",

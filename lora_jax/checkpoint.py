@@ -129,7 +129,7 @@ def _read_item(pure: Any, item: str, where: Path, metadata: Callable[[], Any], r
     try:
         saved = metadata()[item].tree
     except Exception as err:
-        raise CheckpointError(f"{where}: cannot read the metadata of item {item!r} (missing or corrupted): {err}") from err
+        raise CheckpointError(f"{where}: cannot read the metadata of item {item!r} (missing, truncated or corrupted?): {err}") from err
     _compare(_flat(pure), _flat(saved), f"{where} item {item!r}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, pure)
     try:

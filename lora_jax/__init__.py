@@ -4,6 +4,7 @@ model = apply_adapters(model, AdapterConfig(rules=(Rule(pattern="proj", variant=
 optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=AdapterParam)
 """
 
+from lora_jax._version import __version__ as __version__
 from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Alpha, Target, VariantConfig
 from lora_jax.config import AdapterConfig, Rule
 from lora_jax.surgery import (
@@ -17,8 +18,6 @@ from lora_jax.surgery import (
 )
 from lora_jax.variants import VARIANTS, LoRA, LoRAConfig
 from lora_jax.views import EinsumSpec, UnsupportedLayerError, ViewInfo, register_view, view_of
-
-from lora_jax._version import __version__
 
 __all__ = [
     "Adapter",

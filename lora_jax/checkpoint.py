@@ -129,20 +129,26 @@ def _read_item(pure: Any, item: str, where: Path, metadata: Callable[[], Any], r
     try:
         saved = metadata()[item].tree
     except Exception as err:
-        raise CheckpointError(f"{where}: cannot read the metadata of item {item!r} (missing, truncated or corrupted?): {err}") from err
+        raise CheckpointError(
+            f"{where}: cannot read the metadata of item {item!r} (missing, truncated or corrupted?): {err}"
+        ) from err
     _compare(_flat(pure), _flat(saved), f"{where} item {item!r}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, pure)
     try:
         return read(ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))[item]
     except Exception as err:
-        raise CheckpointError(f"{where}: the arrays of item {item!r} cannot be read (truncated or corrupted?): {err}") from err
+        raise CheckpointError(
+            f"{where}: the arrays of item {item!r} cannot be read (truncated or corrupted?): {err}"
+        ) from err
 
 
 def _read_meta(where: Path, read: Callable[[Any], Any]) -> dict[str, Any]:
     try:
         return read(ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as err:
-        raise CheckpointError(f"{where}: cannot read the 'meta' record (not a lora_jax checkpoint, or corrupted): {err}") from err
+        raise CheckpointError(
+            f"{where}: cannot read the 'meta' record (not a lora_jax checkpoint, or corrupted): {err}"
+        ) from err
 
 
 # -- one adapter -----------------------------------------------------------------------
@@ -166,7 +172,9 @@ def save(path: str | Path, model: nnx.Module, *, overwrite: bool = False) -> Pat
     target = path.with_name(f"{path.name}.new-{uuid.uuid4().hex[:8]}") if path.exists() else path
     checkpointer = _checkpointer()
     try:
-        checkpointer.save(target, args=ocp.args.Composite(adapter=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+        checkpointer.save(
+            target, args=ocp.args.Composite(adapter=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        )
     finally:
         checkpointer.close()
     if target != path:
@@ -284,7 +292,9 @@ class TrainCheckpointer:
         scalars = None if metrics is None else {k: float(v) for k, v in metrics.items()}
         return self._manager.save(step, args=args, metrics=scalars, force=force)
 
-    def restore(self, model: nnx.Module, optimizer: nnx.Optimizer | None = None, *, step: int | None = None) -> int | None:
+    def restore(
+        self, model: nnx.Module, optimizer: nnx.Optimizer | None = None, *, step: int | None = None
+    ) -> int | None:
         """Load step ``step`` (default: the latest) into ``model`` and ``optimizer`` in place.
 
         Returns the step, or None when the directory holds no checkpoint. Pass

@@ -1,0 +1,169 @@
+"""PEFT format parity: a torch MLP and its NNX mirror (Linear and Einsum layers), PEFT on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from lora_jax import (
+    VARIANTS,
+    AdapterConfig,
+    AdapterParam,
+    LoRAConfig,
+    Rule,
+    apply_adapters,
+    iter_adapters,
+    set_alpha,
+)
+from lora_jax.peft_format import CODECS, PeftFormatError, export_peft, import_peft
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+B, T = 2, 3
+
+
+class Net(nnx.Module):
+    """up: Linear 8->16; q: 16 -> (2 heads, 4); o: (2, 4) -> 8 (two contracted axes)."""
+
+    def __init__(self, seed=0):
+        rngs = nnx.Rngs(seed)
+        init = nnx.initializers.normal(0.5)
+        self.up = nnx.Linear(8, 16, rngs=rngs, bias_init=init)
+        self.q = nnx.Einsum("BTD,DNH->BTNH", (16, 2, 4), (2, 4), rngs=rngs, bias_init=init)
+        self.o = nnx.Einsum("BTNH,NHD->BTD", (2, 4, 8), (8,), rngs=rngs, bias_init=init)
+
+    def __call__(self, x):
+        return self.o(jnp.tanh(self.q(jnp.tanh(self.up(x)))))
+
+
+class TorchNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.q, self.o = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = torch.tanh(self.q(torch.tanh(self.up(x))))  # (B, T, N*H): N-major, as the kernel's N, H order
+        return self.o(h)
+
+
+def torch_mirror(net: Net) -> TorchNet:
+    """Same weights: torch weight = kernel matrix.T (d_out, d_in), bias flattened in kernel order."""
+    mirror = TorchNet()
+    for name in ("up", "q", "o"):
+        layer = getattr(net, name)
+        matrix = np.asarray(layer.kernel[...]).reshape(-1, getattr(mirror, name).out_features)
+        getattr(mirror, name).weight.data = torch.tensor(matrix.T.copy())
+        getattr(mirror, name).bias.data = torch.tensor(np.asarray(layer.bias[...]).reshape(-1))
+    return mirror
+
+
+def same_name(path: str) -> str:
+    return path
+
+
+X = np.asarray(jax.random.normal(jax.random.key(0), (B, T, 8)))
+
+
+def torch_out(model) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(X)).numpy()
+
+
+def trained(base: Net) -> nnx.Module:
+    """Three Adam steps, different rank and lora_alpha per layer, so patterns are exercised."""
+    cfg = AdapterConfig(
+        rules=(
+            Rule(pattern="up", variant=LoRAConfig(r=4, lora_alpha=8.0)),
+            Rule(pattern="q|o", variant=LoRAConfig(r=2, lora_alpha=3.0)),
+        )
+    )
+    model = apply_adapters(base, cfg)
+    optimizer = nnx.Optimizer(model, optax.adam(5e-2), wrt=AdapterParam)
+    y = jax.random.normal(jax.random.key(1), (B, T, 8))
+
+    @nnx.jit
+    def step(model, optimizer):
+        grads = nnx.grad(lambda m: jnp.mean((m(X) - y) ** 2), argnums=nnx.DiffState(0, AdapterParam))(model)
+        optimizer.update(model, grads)
+
+    for _ in range(3):
+        step(model, optimizer)
+    return model
+
+
+def test_export_loads_in_peft_with_the_same_outputs(tmp_path):
+    base = Net()
+    model = trained(base)
+    set_alpha(model, 0.5, pattern="q")  # PEFT has no alpha: exported into B
+    export_peft(tmp_path, model, hf_name=same_name)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["rank_pattern"], config["alpha_pattern"]) == (2, {"^up": 4}, {"^up": 8.0})
+    peft_model = peft.PeftModel.from_pretrained(torch_mirror(base), str(tmp_path))
+    ours = np.asarray(model(jnp.asarray(X)))
+    assert np.abs(ours - np.asarray(base(jnp.asarray(X)))).max() > 1e-2  # the adapter does something
+    np.testing.assert_allclose(torch_out(peft_model), ours, rtol=1e-4, atol=1e-4)
+
+
+def test_peft_saved_adapter_imports_with_peft_outputs(tmp_path):
+    base = Net()
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=16,
+        target_modules=["up", "q", "o"],
+        init_lora_weights=False,  # random B: a non-trivial adapter
+        rank_pattern={"o": 2},
+        alpha_pattern={"q": 3},
+    )
+    peft_model = peft.get_peft_model(torch_mirror(base), cfg)
+    peft_model.save_pretrained(str(tmp_path))
+    model = import_peft(tmp_path, base, hf_name=same_name)
+    ranks = {path: a.config.r for path, a in iter_adapters(model)}
+    assert ranks == {"o": 2, "q": 4, "up": 4}
+    assert dict(iter_adapters(model))["q"].config.lora_alpha == 3.0
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(X))), torch_out(peft_model), rtol=1e-4, atol=1e-4)
+    assert list(iter_adapters(base)) == []
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_round_trip_is_bit_identical(tmp_path, name):
+    model = apply_adapters(Net(), AdapterConfig(rules=(Rule(pattern="up|q|o", variant=VARIANTS[name]()),), seed=3))
+    leaves, treedef = jax.tree.flatten(nnx.state(model, AdapterParam))
+    keys = jax.random.split(jax.random.key(4), len(leaves))
+    nnx.update(model, treedef.unflatten([x + jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]))
+    export_peft(tmp_path, model, hf_name=lambda p: f"model.{p}_proj")
+    back = import_peft(tmp_path, Net(), hf_name=lambda p: f"model.{p}_proj")
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(back), nnx.state(model))
+
+
+def test_export_rejects_kernel_batch_axes(tmp_path):
+    class Experts(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Einsum("EBD,EDF->EBF", (2, 8, 4), rngs=nnx.Rngs(0))
+
+    model = apply_adapters(Experts(), AdapterConfig(rules=(Rule(pattern="w", variant=LoRAConfig(r=2)),)))
+    with pytest.raises(PeftFormatError, match=r"'w': einsum 'EBD,EDF->EBF' has kernel-batch axes \(2,\)"):
+        export_peft(tmp_path, model, hf_name=same_name)
+
+
+def test_import_names_what_does_not_fit(tmp_path):
+    export_peft(tmp_path, trained(Net()), hf_name=same_name)
+    with pytest.raises(PeftFormatError, match=r"no layer of the base model maps to \['o', 'q', 'up'\]"):
+        import_peft(tmp_path, Net(), hf_name=lambda p: f"x.{p}")
+    swapped = {"q": "o", "o": "q", "up": "up"}
+    with pytest.raises(PeftFormatError, match=r"o.lora_a needs shape \(8, 2\) but the file gives \(16, 2\)"):
+        import_peft(tmp_path, Net(), hf_name=lambda p: swapped.get(p))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(PeftFormatError, match=r"no codec reads peft_type='LORA' with \{'use_dora': True\}"):
+        import_peft(tmp_path, Net(), hf_name=same_name)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["head"]}))
+    with pytest.raises(PeftFormatError, match=r"PEFT options \{'modules_to_save': \['head'\]\} are not supported"):
+        import_peft(tmp_path, Net(), hf_name=same_name)

@@ -99,6 +99,27 @@ class VariantConfig(abc.ABC):
         """Validate against ``target`` and return its adapter (identity at alpha=0)."""
 
 
+def shard_spec(spec: EinsumSpec, kernel_names: tuple[Any, ...], axes: str) -> tuple[Any, ...]:
+    """Partition spec of an adapter array from the kernel's per-axis mesh-axis names.
+
+    ``d_in`` is the flattening of the contracted kernel axes (``d_out`` of the output
+    axes); it can keep their sharding only when the sharded axes come first (a sharded
+    inner axis is not a contiguous block of the flat axis), else it is replicated.
+    """
+    by_letter = dict(zip(spec.kernel, kernel_names, strict=True))
+
+    def flat(letters: str) -> Any:
+        names = [by_letter[c] for c in letters]
+        sharded = [n for n in names if n is not None]
+        if not sharded or any(n is None for n in names[: len(sharded)]):
+            return None
+        flat_names = tuple(x for n in sharded for x in (n if isinstance(n, tuple) else (n,)))
+        return flat_names[0] if len(flat_names) == 1 else flat_names
+
+    roles = {"i": flat(spec.contracted), "o": flat(spec.output), "-": None}
+    return tuple(by_letter[c] for c in spec.batch) + tuple(roles[a] for a in axes)
+
+
 class Adapter(nnx.Module):
     """Base of every adapter module: ``base`` is the wrapped layer, unchanged."""
 
@@ -112,6 +133,29 @@ class Adapter(nnx.Module):
     @property
     def dtype(self) -> Any:
         return jnp.dtype(self.config.dtype)
+
+    def variable(self, var_type: type[nnx.Variable], value: Array, axes: str) -> nnx.Variable:
+        """A new adapter Variable laid out like the base kernel, for sharded models.
+
+        ``value`` has the kernel-batch axes first, then one axis per letter of ``axes``:
+        ``i`` (d_in), ``o`` (d_out) or ``-`` (rank and other small axes: replicated). When
+        the base kernel carries ``out_sharding`` metadata, the new Variable gets the
+        matching partition spec and is placed on the kernel's mesh; otherwise it is plain.
+        """
+        kernel = getattr(self.base, self.info.kernel)
+        names = kernel.get_metadata().get("out_sharding")
+        if names is None:
+            return var_type(value)
+        spec = shard_spec(self.spec, tuple(names), axes)
+        mesh = getattr(getattr(kernel[...], "sharding", None), "mesh", None)
+        if mesh is None:
+            with nnx.use_eager_sharding(False):
+                return var_type(value, out_sharding=spec)
+        return var_type(
+            jax.device_put(value, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))),
+            out_sharding=spec,
+            mesh=mesh,
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Array:
         i = self.info.input_arg

@@ -9,7 +9,8 @@ Each layer gets the first rule that matches it (so list specific rules before ge
 ones, like PEFT's ``rank_pattern`` over ``r``). A rule matches a layer when ``pattern``
 is found (``re.search``) in its dotted path, the path matches none of ``exclude``, its
 layer index (the first integer in the path) is in ``layers`` and its role is in
-``roles``: ``reader`` (d_in == d_model), ``writer`` (d_out == d_model) or ``inner``.
+``roles``: ``reader`` (d_in == d_model), ``writer`` (d_out == d_model; a square layer
+is both) or ``inner`` (neither). ``d_model`` defaults to the most common layer width.
 """
 
 from __future__ import annotations

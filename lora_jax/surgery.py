@@ -58,7 +58,7 @@ class _Candidate:
 
     parts: tuple[Any, ...]
     target: Target | None
-    error: str | None  # why it is not adaptable (unsupported einsum, already adapted)
+    error: ValueError | None  # why it is not adaptable (unsupported einsum, already adapted)
 
 
 def _candidates(model: nnx.Module) -> list[_Candidate]:
@@ -67,7 +67,7 @@ def _candidates(model: nnx.Module) -> list[_Candidate]:
     for parts, module in nnx.iter_modules(model):
         if isinstance(module, Adapter):
             adapter_paths.append(parts)
-            found.append(_Candidate(parts, None, "it is already adapted"))
+            found.append(_Candidate(parts, None, AlreadyAdaptedError("it is already adapted")))
             continue
         try:
             info = view_of(module)
@@ -75,14 +75,15 @@ def _candidates(model: nnx.Module) -> list[_Candidate]:
                 continue
             target = Target(_path(parts), module, info, spec_of(module, info))
         except UnsupportedLayerError as err:
-            found.append(_Candidate(parts, None, str(err)))
+            found.append(_Candidate(parts, None, err))
             continue
         found.append(_Candidate(parts, target, None))
-    inside = [c for c in found if any(c.parts[: len(a)] == a and c.parts != a for a in adapter_paths)]
-    return [
-        dataclasses.replace(c, target=None, error="it is inside an adapter (already adapted)") if c in inside else c
-        for c in found
-    ]
+    inside_error = AlreadyAdaptedError("it is inside an adapter (already adapted)")
+
+    def is_inside(c: _Candidate) -> bool:
+        return any(c.parts[: len(a)] == a and c.parts != a for a in adapter_paths)
+
+    return [dataclasses.replace(c, target=None, error=inside_error) if is_inside(c) else c for c in found]
 
 
 def _infer_d_model(targets: list[Target]) -> int:
@@ -90,12 +91,11 @@ def _infer_d_model(targets: list[Target]) -> int:
     return counts.most_common(1)[0][0]
 
 
-def _role(target: Target, d_model: int) -> str:
-    if target.spec.d_in == d_model:
-        return "reader"
-    if target.spec.d_out == d_model:
-        return "writer"
-    return "inner"
+def _roles(target: Target, d_model: int) -> set[str]:
+    """A square d_model -> d_model layer is both a reader and a writer."""
+    roles = {"reader"} if target.spec.d_in == d_model else set()
+    roles |= {"writer"} if target.spec.d_out == d_model else set()
+    return roles or {"inner"}
 
 
 def _rule_matches(rule: Rule, path: str, target: Target | None, d_model: int) -> bool:
@@ -103,7 +103,7 @@ def _rule_matches(rule: Rule, path: str, target: Target | None, d_model: int) ->
         return False
     if rule.layers is not None and _layer_index(path) not in rule.layers:
         return False
-    if rule.roles is not None and (target is None or _role(target, d_model) not in rule.roles):
+    if rule.roles is not None and (target is None or not _roles(target, d_model) & set(rule.roles)):
         return False
     return True
 
@@ -123,8 +123,9 @@ def find_targets(model: nnx.Module, cfg: AdapterConfig) -> list[tuple[Target, Ru
             if path in claimed or not _rule_matches(rule, path, c.target, d_model):
                 continue
             if c.error is not None:
-                kind = AlreadyAdaptedError if "adapted" in c.error else UnsupportedLayerError
-                raise kind(f"rule {i} (pattern {rule.pattern!r}) matched {path!r}, which cannot be adapted: {c.error}")
+                raise type(c.error)(
+                    f"rule {i} (pattern {rule.pattern!r}) matched {path!r}, which cannot be adapted: {c.error}"
+                )
             claimed.add(path)
             chosen.append((c.target, rule))
             n_matched += 1

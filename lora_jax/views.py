@@ -348,11 +348,6 @@ def view_of(module: nnx.Module) -> ViewInfo | None:
     if isinstance(module, nnx.LinearGeneral):
         return ViewInfo(_linear_general_equation(module), bias=bias)
     if isinstance(module, nnx.Einsum):
-        if module.einsum_str is None:
-            raise UnsupportedLayerError(
-                "nnx.Einsum without a constructor einsum_str cannot be adapted: the equation "
-                "must be known before the first call; pass einsum_str= when building it"
-            )
         return ViewInfo(module.einsum_str, bias=bias)
     return None
 

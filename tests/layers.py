@@ -30,13 +30,19 @@ class Layout:
 
 def _einsum(eq, kernel_shape, bias_shape=None):
     def make(rngs, dtype):
-        return nnx.Einsum(eq, kernel_shape, bias_shape, param_dtype=dtype, rngs=rngs, bias_init=nnx.initializers.normal())
+        return nnx.Einsum(
+            eq, kernel_shape, bias_shape, param_dtype=dtype, rngs=rngs, bias_init=nnx.initializers.normal()
+        )
 
     return make
 
 
 LAYOUTS = [
-    Layout("linear", lambda r, dt: nnx.Linear(16, 12, param_dtype=dt, rngs=r, bias_init=nnx.initializers.normal()), (B, T, 16)),
+    Layout(
+        "linear",
+        lambda r, dt: nnx.Linear(16, 12, param_dtype=dt, rngs=r, bias_init=nnx.initializers.normal()),
+        (B, T, 16),
+    ),
     Layout(
         "linear_general",
         lambda r, dt: nnx.LinearGeneral((4, 4), (2, 6), axis=(-2, -1), param_dtype=dt, rngs=r),

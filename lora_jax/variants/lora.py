@@ -59,8 +59,8 @@ class LoRA(Adapter):
         bound = 1.0 / math.sqrt(spec.d_in)
         a_shape = (*spec.batch_shape, spec.d_in, r)
         key_a, key_dropout = jax.random.split(target.key(seed))
-        self.lora_a = AdapterParam(jax.random.uniform(key_a, a_shape, self.dtype, -bound, bound))
-        self.lora_b = AdapterParam(jnp.zeros((*spec.batch_shape, r, spec.d_out), self.dtype))
+        self.lora_a = self.variable(AdapterParam, jax.random.uniform(key_a, a_shape, self.dtype, -bound, bound), "i-")
+        self.lora_b = self.variable(AdapterParam, jnp.zeros((*spec.batch_shape, r, spec.d_out), self.dtype), "-o")
         self.dropout = nnx.Dropout(config.dropout, rngs=nnx.Rngs(dropout=key_dropout)) if config.dropout else None
 
     def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:

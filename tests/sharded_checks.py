@@ -1,0 +1,143 @@
+"""Sharding checks, run by test_sharding.py in a subprocess with 8 simulated CPU devices
+(XLA_FLAGS must be set before jax is imported, so they cannot share the test process).
+
+Each check is a function ``check_*``; the script runs them all and exits non-zero on the
+first failure. ``python tests/sharded_checks.py`` runs them by hand.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import lora_jax as lj
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+D, HEADS, HEAD_DIM, FF = 16, 4, 4, 32
+
+
+def sharded_init(names):
+    return nnx.with_partitioning(nnx.initializers.lecun_normal(), names)
+
+
+class Block(nnx.Module):
+    """Tensor-parallel layout: heads and the MLP hidden axis are sharded over 'model'."""
+
+    def __init__(self, rngs):
+        self.q_proj = nnx.Einsum(
+            "BTD,DNH->BTNH", (D, HEADS, HEAD_DIM), kernel_init=sharded_init((None, "model", None)), rngs=rngs
+        )
+        self.o_proj = nnx.Einsum(
+            "BTNH,NHD->BTD", (HEADS, HEAD_DIM, D), kernel_init=sharded_init(("model", None, None)), rngs=rngs
+        )
+        self.up_proj = nnx.Linear(D, FF, use_bias=False, kernel_init=sharded_init((None, "model")), rngs=rngs)
+        self.down_proj = nnx.Linear(FF, D, use_bias=False, kernel_init=sharded_init(("model", None)), rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.o_proj(jnp.tanh(self.q_proj(x)))
+        return x + self.down_proj(jax.nn.gelu(self.up_proj(x)))
+
+
+class Model(nnx.Module):
+    def __init__(self, seed=0):
+        rngs = nnx.Rngs(seed)
+        self.layers = nnx.List([Block(rngs) for _ in range(2)])
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+CFG = lj.AdapterConfig(rules=(lj.Rule(pattern="proj", variant=lj.LoRAConfig(r=4, lora_alpha=8)),))
+# Auto axes (GSPMD propagation). Explicit-axis meshes need out_sharding on every sharded
+# contraction, the base layers included; see the README.
+MESH = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def data(step):
+    x = jax.random.normal(jax.random.key(step), (8, 3, D))
+    return x, jnp.sin(x)
+
+
+def train(model, steps=5, shard_data=None):
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=lj.AdapterParam)
+
+    @nnx.jit
+    def step(model, optimizer, x, y):
+        def loss_fn(m):
+            return jnp.mean((m(x) - y) ** 2)
+
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, lj.AdapterParam))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = []
+    for i in range(steps):
+        x, y = data(i)
+        if shard_data is not None:
+            x, y = (jax.device_put(t, shard_data) for t in (x, y))
+        losses.append(float(step(model, optimizer, x, y)))
+    return losses
+
+
+def check_adapters_inherit_kernel_sharding():
+    with jax.set_mesh(MESH):
+        adapted = lj.apply_adapters(Model(), CFG)
+    specs = {p: (a.lora_a[...].sharding.spec, a.lora_b[...].sharding.spec) for p, a in lj.iter_adapters(adapted)}
+    assert specs["layers.0.q_proj"] == (P(None, None), P(None, "model")), specs["layers.0.q_proj"]
+    assert specs["layers.0.o_proj"] == (P("model", None), P(None, None)), specs["layers.0.o_proj"]
+    assert specs["layers.1.up_proj"] == (P(None, None), P(None, "model")), specs["layers.1.up_proj"]
+    assert specs["layers.1.down_proj"] == (P("model", None), P(None, None)), specs["layers.1.down_proj"]
+    pspecs = nnx.get_partition_spec(nnx.state(adapted, lj.AdapterParam))
+    assert pspecs["layers"][0]["q_proj"]["lora_b"].get_value() == P(None, "model")
+
+
+def check_sharded_training_matches_single_device():
+    with nnx.use_eager_sharding(False):  # the same annotated model, on one device
+        single_model = lj.apply_adapters(Model(), CFG)
+    assert len(single_model.layers[0].up_proj.lora_b[...].devices()) == 1
+    single = train(single_model)
+    with jax.set_mesh(MESH):
+        sharded_model = lj.apply_adapters(Model(), CFG)
+        sharded = train(sharded_model, shard_data=NamedSharding(MESH, P("data")))
+        # the base stays sharded and bit-identical; adapters keep their layout
+        kernel = sharded_model.layers[0].up_proj.base.kernel[...]
+        assert kernel.sharding.spec == P(None, "model")
+        assert sharded_model.layers[0].up_proj.lora_b[...].sharding.spec == P(None, "model")
+    np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-7)
+    assert sharded[-1] < sharded[0]
+
+
+def check_sweep_and_merge_on_sharded_model():
+    with jax.set_mesh(MESH):
+        model = lj.apply_adapters(Model(), CFG)
+        for _, adapter in lj.iter_adapters(model):
+            adapter.lora_b.value = 0.1 * jnp.ones_like(adapter.lora_b[...])
+        x = jax.device_put(data(0)[0], NamedSharding(MESH, P("data")))
+        lj.set_alpha(model, jnp.linspace(-1.0, 1.0, 8))
+        rows = nnx.jit(lambda m, x: m(x))(model, x)
+        lj.set_alpha(model, 0.5)
+        merged = lj.merge_adapters(model)
+        np.testing.assert_allclose(merged(x), model(x), rtol=1e-5, atol=1e-6)
+        assert merged.layers[0].up_proj.kernel[...].sharding.spec == P(None, "model")
+    lj.set_alpha(model, 1.0)
+    np.testing.assert_allclose(rows[-1], model(x)[-1], rtol=1e-5, atol=1e-6)
+
+
+if __name__ == "__main__":
+    assert jax.device_count() == 8, jax.devices()
+    for name, fn in sorted(globals().items()):
+        if name.startswith("check_"):
+            fn()
+            print("ok", name, flush=True)

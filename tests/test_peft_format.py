@@ -132,15 +132,37 @@ def test_peft_saved_adapter_imports_with_peft_outputs(tmp_path):
     assert list(iter_adapters(base)) == []
 
 
-@pytest.mark.parametrize("name", sorted(CODECS))
-def test_round_trip_is_bit_identical(tmp_path, name):
+# The codec rows whose variant this build has: new variants are covered once they land.
+ACTIVE = sorted(name for name in CODECS if name in VARIANTS)
+
+
+def moved(name: str) -> nnx.Module:
     model = apply_adapters(Net(), AdapterConfig(rules=(Rule(pattern="up|q|o", variant=VARIANTS[name]()),), seed=3))
     leaves, treedef = jax.tree.flatten(nnx.state(model, AdapterParam))
     keys = jax.random.split(jax.random.key(4), len(leaves))
-    nnx.update(model, treedef.unflatten([x + jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]))
+    moved = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    nnx.update(model, treedef.unflatten(moved))
+    return model
+
+
+@pytest.mark.parametrize("name", ACTIVE)
+def test_every_codec_loads_in_peft_with_the_same_outputs(tmp_path, name):
+    model = moved(name)
+    export_peft(tmp_path, model, hf_name=same_name)
+    peft_model = peft.PeftModel.from_pretrained(torch_mirror(Net()), str(tmp_path))
+    np.testing.assert_allclose(torch_out(peft_model), np.asarray(model(jnp.asarray(X))), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ACTIVE)
+def test_round_trip(tmp_path, name):
+    model = moved(name)
     export_peft(tmp_path, model, hf_name=lambda p: f"model.{p}_proj")
     back = import_peft(tmp_path, Net(), hf_name=lambda p: f"model.{p}_proj")
-    jax.tree.map(np.testing.assert_array_equal, nnx.state(back), nnx.state(model))
+    x = jnp.asarray(X)
+    if {a.config.name for _, a in iter_adapters(back)} == {name}:
+        jax.tree.map(np.testing.assert_array_equal, nnx.state(back), nnx.state(model))
+    else:  # an export-only conversion (PiSSA -> LoRA): the same function, other factors
+        np.testing.assert_allclose(back(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_export_rejects_kernel_batch_axes(tmp_path):
@@ -161,8 +183,8 @@ def test_import_names_what_does_not_fit(tmp_path):
     with pytest.raises(PeftFormatError, match=r"o.lora_a needs shape \(8, 2\) but the file gives \(16, 2\)"):
         import_peft(tmp_path, Net(), hf_name=lambda p: swapped.get(p))
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(PeftFormatError, match=r"no codec reads peft_type='LORA' with \{'use_dora': True\}"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LOHA"}))
+    with pytest.raises(PeftFormatError, match=r"tensor 'base_model.model.o.lora_A.weight' is not"):
         import_peft(tmp_path, Net(), hf_name=same_name)
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["head"]}))
     with pytest.raises(PeftFormatError, match=r"PEFT options \{'modules_to_save': \['head'\]\} are not supported"):

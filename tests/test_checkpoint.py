@@ -65,11 +65,12 @@ def saved(tmp_path):
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_round_trip_every_variant(tmp_path, name):
     cfg = AdapterConfig(rules=(Rule(pattern="up|down", variant=VARIANTS[name]()),), seed=11)
-    model = apply_adapters(MLP(), cfg)
+    # 64 wide so every variant's default config fits (ROAD's group_size is 64).
+    model = apply_adapters(MLP(64, 64, 64), cfg)
     perturb(model)
     set_alpha(model, 0.7, pattern="up")
-    x = jax.random.normal(jax.random.key(0), (3, 16))
-    fresh_base = MLP()  # same base weights; restore inits its adapters with another seed
+    x = jax.random.normal(jax.random.key(0), (3, 64))
+    fresh_base = MLP(64, 64, 64)  # same base weights; restore inits its adapters with another seed
     restored = restore(save(tmp_path / name, model), fresh_base)
     assert [p for p, _ in iter_adapters(fresh_base)] == []
     np.testing.assert_array_equal(restored(x), model(x))

@@ -136,8 +136,13 @@ def test_peft_saved_adapter_imports_with_peft_outputs(tmp_path):
 ACTIVE = sorted(name for name in CODECS if name in VARIANTS)
 
 
+# PiSSA / OLoRA export as a rank-2r LoRA, which must fit min(d_in, d_out) = 8 to import.
+OPTIONS = {"pissa": {"r": 4}, "olora": {"r": 4}}
+
+
 def moved(name: str) -> nnx.Module:
-    model = apply_adapters(Net(), AdapterConfig(rules=(Rule(pattern="up|q|o", variant=VARIANTS[name]()),), seed=3))
+    variant = VARIANTS[name](**OPTIONS.get(name, {}))
+    model = apply_adapters(Net(), AdapterConfig(rules=(Rule(pattern="up|q|o", variant=variant),), seed=3))
     leaves, treedef = jax.tree.flatten(nnx.state(model, AdapterParam))
     keys = jax.random.split(jax.random.key(4), len(leaves))
     moved = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]

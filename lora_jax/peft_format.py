@@ -82,7 +82,8 @@ def _numpy(x: Any) -> np.ndarray:
 
 
 def _lora_entries(cfg: Any) -> dict[str, Any]:
-    return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.rslora, "lora_dropout": cfg.dropout}
+    dropout = getattr(cfg, "dropout", 0.0)  # not every low-rank variant has dropout
+    return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.rslora, "lora_dropout": dropout}
 
 
 def _lora_to_peft(adapter: Adapter) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -97,14 +98,15 @@ def _pissa_to_peft(adapter: Adapter) -> tuple[dict[str, Any], dict[str, np.ndarr
     return _lora_to_peft(to_lora(adapter))
 
 
-def _low_rank(variant: str, cfg: Mapping[str, Any], a: np.ndarray, **extra: Any) -> VariantConfig:
-    return VARIANTS[variant](
-        r=a.shape[1],
-        lora_alpha=float(cfg["lora_alpha"]),
-        rslora=bool(cfg.get("use_rslora", False)),
-        dropout=float(cfg.get("lora_dropout", 0.0)),
-        **extra,
-    )
+def _low_rank(variant: str, cfg: Mapping[str, Any], a: np.ndarray) -> VariantConfig:
+    cls = VARIANTS[variant]
+    options = {"r": a.shape[1], "lora_alpha": float(cfg["lora_alpha"]), "rslora": bool(cfg.get("use_rslora", False))}
+    dropout = float(cfg.get("lora_dropout") or 0.0)
+    if dropout:
+        if "dropout" not in {f.name for f in dataclasses.fields(cls)}:
+            raise PeftFormatError(f"{variant} has no dropout option; the PEFT file asks for lora_dropout={dropout}")
+        options["dropout"] = dropout
+    return cls(**options)
 
 
 def _lora_from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[VariantConfig, dict]:

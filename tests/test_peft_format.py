@@ -194,3 +194,39 @@ def test_import_names_what_does_not_fit(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["head"]}))
     with pytest.raises(PeftFormatError, match=r"PEFT options \{'modules_to_save': \['head'\]\} are not supported"):
         import_peft(tmp_path, Net(), hf_name=same_name)
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # inside PEFT's save_pretrained
+def test_qwen3_adapters_both_ways_match_hf_peft(tmp_path):
+    """The reference Qwen3 (Einsum attention, GQA) against HF + PEFT, names via to_hf_name."""
+    from test_qwen3 import MASK, _hf_logits, _ours_logits, _write_checkpoint
+
+    from lora_jax.models import load_hf, to_hf_name
+
+    transformers = pytest.importorskip("transformers")
+    _write_checkpoint("qwen3", tmp_path / "hf")
+    hf = lambda: transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    real = MASK.astype(bool)
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+    rule = Rule(pattern="|".join(projections), variant=LoRAConfig(r=4, lora_alpha=8.0))
+    ours = apply_adapters(load_hf(tmp_path / "hf"), AdapterConfig(rules=(rule,)))
+    leaves, treedef = jax.tree.flatten(nnx.state(ours, AdapterParam))
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    nnx.update(
+        ours, treedef.unflatten([x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)])
+    )
+    export_peft(tmp_path / "ours", ours, hf_name=to_hf_name)
+    loaded = peft.PeftModel.from_pretrained(hf(), str(tmp_path / "ours")).eval()
+    want = _hf_logits(loaded)
+    assert np.abs(want[real] - _hf_logits(hf())[real]).max() > 1e-2
+    np.testing.assert_allclose(_ours_logits(ours)[real], want[real], atol=1e-4, rtol=1e-4)
+
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(
+        hf(), peft.LoraConfig(r=2, lora_alpha=5, target_modules=projections, init_lora_weights=False)
+    )
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    imported = import_peft(tmp_path / "theirs", load_hf(tmp_path / "hf"), hf_name=to_hf_name)
+    assert len(list(iter_adapters(imported))) == 7 * 2
+    np.testing.assert_allclose(_ours_logits(imported)[real], _hf_logits(theirs.eval())[real], atol=1e-4, rtol=1e-4)

@@ -17,9 +17,9 @@ are rejected.
 Each variant plugs in with one :class:`PeftCodec` in ``CODECS`` (keyed by variant name):
 its PEFT type, the config flags that identify it on import (``use_dora``), which config
 entries PEFT allows per layer (``rank_pattern``), and two functions between an adapter
-and its tensors. Rows: LoRA; DoRA; IA3 and IA3-FF (``feedforward_modules``); PiSSA and
-OLoRA export as the equivalent rank-2r LoRA (as PEFT saves them) and import as LoRA. A
-row whose variant is not in ``VARIANTS`` is ignored.
+and its tensors. Rows: LoRA; DoRA; IA3 and IA3-FF (``feedforward_modules``); EVA exports
+as its LoRA, PiSSA and OLoRA as the equivalent rank-2r LoRA (as PEFT saves them); those
+three import as LoRA. A row whose variant is not in ``VARIANTS`` is ignored.
 """
 
 from __future__ import annotations
@@ -148,6 +148,10 @@ CODECS: dict[str, PeftCodec] = {
         to_peft=_lora_to_peft,
         from_peft=_lora_from_peft,
         folds_alpha=True,
+    ),
+    # EVA is LoRA with a data-driven init; PEFT saves it as a LoRA too.
+    "eva": PeftCodec(
+        **_LORA, flags={"use_dora": False}, suffixes=_LORA_AB, to_peft=_lora_to_peft, from_peft=None, folds_alpha=True
     ),
     "pissa": PeftCodec(
         **_LORA, flags={"use_dora": False}, suffixes=_LORA_AB, to_peft=_pissa_to_peft, from_peft=None, folds_alpha=True

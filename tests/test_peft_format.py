@@ -230,3 +230,10 @@ def test_qwen3_adapters_both_ways_match_hf_peft(tmp_path):
     imported = import_peft(tmp_path / "theirs", load_hf(tmp_path / "hf"), hf_name=to_hf_name)
     assert len(list(iter_adapters(imported))) == 7 * 2
     np.testing.assert_allclose(_ours_logits(imported)[real], _hf_logits(theirs.eval())[real], atol=1e-4, rtol=1e-4)
+
+
+def test_export_needs_alpha_one_where_peft_cannot_hold_it(tmp_path):
+    model = moved("dora")  # DoRA is not linear in alpha, so alpha cannot be folded into a tensor
+    set_alpha(model, 0.5, pattern="q")
+    with pytest.raises(PeftFormatError, match=r"'q': alpha is 0.5; PEFT has no alpha .* set_alpha\(model, 1.0\)"):
+        export_peft(tmp_path, model, hf_name=same_name)

@@ -4,6 +4,7 @@ model = apply_adapters(model, AdapterConfig(rules=(Rule(pattern="proj", variant=
 optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=AdapterParam)
 """
 
+from lora_jax._version import __version__ as __version__
 from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Alpha, Target, VariantConfig
 from lora_jax.calibrate import collect_statistics, moments_init, moments_update
 from lora_jax.config import AdapterConfig, Rule
@@ -47,8 +48,6 @@ from lora_jax.variants import (
     to_lora,
 )
 from lora_jax.views import EinsumSpec, UnsupportedLayerError, ViewInfo, register_view, view_of
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Adapter",

@@ -1,137 +1,168 @@
-"""Block-diagonal Cayley rotations, and the top-r SVD they act on. Pure jax, no nnx.
+"""Pure math for the rotation-like variants (IA3 gates, HRA, ROAD); no NNX.
 
-A rotation of ``r`` dims is ``r / bs`` independent ``bs x bs`` blocks. Each block is the
-Cayley transform of a skew matrix ``A`` built from its ``bs (bs - 1) / 2`` upper-triangle
-parameters::
+Every function takes a runtime ``alpha`` (scalar, or an array that broadcasts against
+the data with the same number of axes) and is exactly the identity at ``alpha = 0``.
 
-    R(a) = (I - a A / 2)^-1 (I + a A / 2)      R(0) = I,  R(-a) = R(a)^-1 = R(a)^T
-
-``I - aA/2`` has eigenvalues ``1 - i a lambda`` (``|.| >= 1``), so the solve is never
-singular, for any ``a`` and any parameter size. :func:`cayley_delta` returns
-``R(a) - I = 2 (I - X)^-1 X`` (``X = aA/2``) directly: it is an exact zero at ``a = 0``
-and keeps its relative accuracy for small angles, where forming ``R`` and subtracting
-``I`` would cancel.
-
-Angle bound: ``A <- c tanh(A / c)`` elementwise with ``c = 2 tan(max_angle / 2)``. A
-2x2 block rotates by ``2 arctan(a p / 2)``, so ``|angle| < max_angle`` for ``|a| <= 1``:
-exact. For ``bs > 2`` the bound is on entries, not angles: the block's angles are
-``2 arctan(a lambda_k / 2)`` with ``lambda_k <= ||A||_2 <= (bs - 1) c``, so
-``|angle| <= 2 arctan((bs - 1) tan(max_angle / 2))`` for ``|a| <= 1``
-(:func:`angle_limit`). For ``|a| > 1`` the angle keeps growing towards (never past) pi.
+- :func:`gate_power`: ``Re(g ** alpha)`` on the principal branch, the IA3 gates.
+- HRA: pairs of Householder reflections ``H_u H_v`` are plane rotations by twice the
+  angle between ``u`` and ``v``; :func:`hra_coords` applies ``alpha`` times those angles
+  in rank space, pair by pair, and :func:`hra_rotation` gives the dense matrix.
+- ROAD: :func:`road_columns` builds the two elementwise columns of the grouped 2x2
+  rotations, :func:`road_inverse` inverts them in the same form, :func:`road_apply`
+  applies them with a rotate-half permutation.
 """
 
 from __future__ import annotations
 
-import math
-
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-__all__ = [
-    "angle_limit",
-    "block_diag",
-    "block_size_of",
-    "bound_skew",
-    "cayley",
-    "cayley_delta",
-    "n_params",
-    "orthogonality_error",
-    "rotation_angles",
-    "skew_from_params",
-    "top_r_svd",
-]
+__all__ = ["gate_power", "hra_basis", "hra_coefficients", "hra_coords", "hra_rotation", "road_apply", "road_columns"]
 
 
-def _eye_like(m: Array) -> Array:
-    """An identity that broadcasts against a stack of square matrices ``m`` (same rank)."""
-    return jnp.eye(m.shape[-1], dtype=m.dtype).reshape((1,) * (m.ndim - 2) + m.shape[-2:])
+def safe_norm(v: Array, axis: int) -> Array:
+    """Euclidean norm whose gradient is 0 (not NaN) at the zero vector."""
+    sq = jnp.sum(v * v, axis=axis)
+    ok = sq > 0
+    return jnp.where(ok, jnp.sqrt(jnp.where(ok, sq, 1.0)), 0.0)
 
 
-def n_params(bs: int) -> int:
-    """Upper-triangle parameters of one ``bs x bs`` skew block."""
-    return bs * (bs - 1) // 2
+def gate_power(g: Float[Array, "*b d"], alpha: Array, *, floor: float = 1e-6) -> Float[Array, "*b d"]:
+    """``Re(g ** alpha)``: ``|g|**alpha``, times ``cos(pi alpha)`` where ``g < 0``.
 
-
-def block_size_of(m: int) -> int:
-    """The block size whose skew block has ``m`` parameters."""
-    bs = (1 + math.isqrt(1 + 8 * m)) // 2
-    if n_params(bs) != m or bs < 2:
-        raise ValueError(f"{m} parameters is not bs*(bs-1)/2 for any block size bs >= 2")
-    return bs
-
-
-def skew_from_params(params: Float[Array, "*lead m"]) -> Float[Array, "*lead bs bs"]:
-    """Skew-symmetric blocks from their upper-triangle entries (row-major order)."""
-    bs = block_size_of(params.shape[-1])
-    rows, cols = jnp.triu_indices(bs, k=1)
-    upper = jnp.zeros((*params.shape[:-1], bs, bs), params.dtype).at[..., rows, cols].set(params)
-    return upper - jnp.swapaxes(upper, -1, -2)
-
-
-def bound_skew(a: Float[Array, "*lead bs bs"], max_angle: float | None) -> Float[Array, "*lead bs bs"]:
-    """Soft-clip entries to ``|A_ij| < 2 tan(max_angle / 2)`` (``None``: no bound)."""
-    if max_angle is None:
-        return a
-    c = 2.0 * math.tan(max_angle / 2.0)
-    return c * jnp.tanh(a / c)
-
-
-def angle_limit(max_angle: float, bs: int) -> float:
-    """The largest rotation angle :func:`bound_skew` allows at ``|a| <= 1`` (see module doc)."""
-    return 2.0 * math.atan((bs - 1) * math.tan(max_angle / 2.0))
-
-
-def cayley_delta(skew: Float[Array, "*lead bs bs"], a: Float[Array, "*rows"] | float) -> Array:
-    """``R(a) - I`` per block. ``a`` is a scalar or has leading ``rows`` axes, which are
-    prepended (one rotation per row): result ``(*rows, *lead, bs, bs)``."""
-    a = jnp.asarray(a, skew.dtype)
-    x = a.reshape(a.shape + (1,) * skew.ndim) * (skew / 2).reshape((1,) * a.ndim + skew.shape)
-    return 2.0 * jnp.linalg.solve(_eye_like(x) - x, x)
-
-
-def cayley(skew: Float[Array, "*lead bs bs"], a: Float[Array, "*rows"] | float) -> Array:
-    """``R(a) = (I - aA/2)^-1 (I + aA/2)`` per block."""
-    delta = cayley_delta(skew, a)
-    return _eye_like(delta) + delta
-
-
-def block_diag(blocks: Float[Array, "*lead n bs bs"]) -> Float[Array, "*lead r r"]:
-    """The dense ``(n bs) x (n bs)`` block-diagonal matrix of ``n`` blocks."""
-    *lead, n, bs, _ = blocks.shape
-    eye = jnp.eye(n, dtype=blocks.dtype)
-    dense = jnp.einsum("...nij,nm->...nimj", blocks, eye)
-    return dense.reshape(*lead, n * bs, n * bs)
-
-
-def orthogonality_error(r: Float[Array, "*lead k k"]) -> Array:
-    """``max |R^T R - I|``: zero for an orthogonal matrix."""
-    return jnp.max(jnp.abs(jnp.swapaxes(r, -1, -2) @ r - _eye_like(r)))
-
-
-def rotation_angles(r: Float[Array, "*lead k k"]) -> Array:
-    """The rotation angles of orthogonal matrices: ``|arg|`` of their eigenvalues."""
-    return jnp.abs(jnp.angle(jnp.linalg.eigvals(r)))
-
-
-# TODO(integrator): move to lora_jax/linalg.py (branch peft-a) and import it from there.
-def top_r_svd(
-    matrix: Float[Array, "*batch m n"], r: int, *, n_iter: int | None = None, key: jax.Array | None = None
-) -> tuple[Float[Array, "*batch m r"], Float[Array, "*batch r"], Float[Array, "*batch r n"]]:
-    """The ``r`` largest singular triplets, ``matrix ~ U diag(S) Vh``.
-
-    ``n_iter=None``: full SVD, sliced. ``n_iter=K``: randomized range finder (Halko et
-    al. 2011) with ``r + 8`` probes and ``K`` power iterations, for large kernels.
+    Exact ``g ** alpha`` at integer alpha (so -1 gives ``1/g``), 1 at alpha = 0. A negative
+    gate passes through 0 on its way from 1 to ``g``. For alpha < 0 ``|g|`` is floored at
+    ``floor``: a gate of exactly 0 has no inverse, the floor keeps the output finite.
     """
-    if n_iter is None:
-        u, s, vh = jnp.linalg.svd(matrix, full_matrices=False)
-        return u[..., :r], s[..., :r], vh[..., :r, :]
-    k = min(r + 8, *matrix.shape[-2:])
-    key = jax.random.key(0) if key is None else key
-    q, _ = jnp.linalg.qr(matrix @ jax.random.normal(key, (*matrix.shape[:-2], matrix.shape[-1], k), matrix.dtype))
-    mt = jnp.swapaxes(matrix, -1, -2)
-    for _ in range(n_iter):
-        q, _ = jnp.linalg.qr(mt @ q)
-        q, _ = jnp.linalg.qr(matrix @ q)
-    u, s, vh = jnp.linalg.svd(jnp.swapaxes(q, -1, -2) @ matrix, full_matrices=False)
-    return (q @ u)[..., :r], s[..., :r], vh[..., :r, :]
+    mag = jnp.abs(g)
+    mag = jnp.where(alpha < 0, jnp.maximum(mag, floor), mag)
+    return jnp.power(mag, alpha) * jnp.where(g < 0, jnp.cos(jnp.pi * alpha), 1.0)
+
+
+# -- HRA --------------------------------------------------------------------------------
+def hra_basis(u: Float[Array, "*b d r"]) -> tuple[Float[Array, "*b d r"], Array, Array]:
+    """Pair basis of the column-normalized reflection vectors.
+
+    For each pair ``(u, v) = (u_2k, u_2k+1)`` returns columns ``delta = u - v`` and
+    ``sigma = u + v`` (orthogonal, since both are unit vectors) and their norms
+    ``(*b, r/2)``. Equal pairs (the identity init) give ``delta = 0`` exactly.
+    """
+    unit = u / jnp.linalg.norm(u, axis=-2, keepdims=True)
+    first, second = unit[..., 0::2], unit[..., 1::2]
+    delta, sigma = first - second, first + second
+    basis = jnp.stack([delta, sigma], axis=-1).reshape(u.shape)
+    return basis, safe_norm(delta, -2), safe_norm(sigma, -2)
+
+
+def hra_coefficients(n_delta: Array, n_sigma: Array, alpha: Array) -> tuple[Array, Array, Array]:
+    """``(a, b, c)`` with ``H_u H_v (alpha) - I = a dd^T + b ss^T + c (d s^T - s d^T)``.
+
+    ``H_u H_v`` rotates the plane of ``u, v`` by ``2 phi`` (``phi`` the angle between
+    them, ``tan(phi/2) = |d| / |s|``); we rotate by ``theta = 2 alpha phi``. At ``d = 0``
+    the ratios take their limits, so the gradient at the paired init is finite and right.
+    An anti-parallel pair (``s = 0``) has no defined plane: its ``s`` terms are dropped.
+    """
+    theta = 4.0 * alpha * jnp.arctan2(n_delta, n_sigma)
+    d_ok, s_ok = n_delta > 0, n_sigma > 0
+    nd = jnp.where(d_ok, n_delta, 1.0)
+    ns = jnp.where(s_ok, n_sigma, 1.0)
+    half_sq = jnp.sin(theta / 2) ** 2
+    a = jnp.where(d_ok, -2.0 * half_sq / nd**2, -8.0 * alpha**2 / ns**2)
+    b = jnp.where(s_ok, -2.0 * half_sq / ns**2, 0.0)
+    c = jnp.where(d_ok, jnp.sin(theta) / (nd * ns), 4.0 * alpha / ns**2)
+    return a, b, c
+
+
+def hra_coords(
+    h0: Float[Array, "*rows r"], gram: Float[Array, "*rows r r"], coef: tuple[Array, Array, Array], alpha: Array
+) -> Float[Array, "*rows r"]:
+    """Coordinates ``g`` with ``R(alpha) x = x + basis @ g``, from ``h0 = basis^T x``.
+
+    ``gram = basis^T basis`` and ``coef`` broadcast against ``h0`` (same ndim). The pairs
+    apply last-to-first for alpha >= 0 (``R = P_1 ... P_m`` as PEFT) and first-to-last for
+    alpha < 0, so ``R(-alpha) = R(alpha)^-1``; both orders are computed and selected per
+    element, which also serves one alpha per row. Cost: O(r^2) per row.
+    """
+    a, b, c = coef
+    m = h0.shape[-1] // 2
+
+    def run(order: range) -> Array:
+        g = jnp.zeros(h0.shape, jnp.result_type(h0, a))
+        for k in order:
+            pair = slice(2 * k, 2 * k + 2)
+            p = h0[..., pair] + jnp.einsum("...r,...rk->...k", g, gram[..., :, pair])
+            pd, ps = p[..., 0:1], p[..., 1:2]
+            ak, bk, ck = a[..., k : k + 1], b[..., k : k + 1], c[..., k : k + 1]
+            g = g.at[..., pair].add(jnp.concatenate([ak * pd + ck * ps, bk * ps - ck * pd], axis=-1))
+        return g
+
+    return jnp.where(alpha >= 0, run(range(m - 1, -1, -1)), run(range(m)))
+
+
+def hra_rotation(u: Float[Array, "*b d r"], alpha: Array) -> Float[Array, "*b d d"]:
+    """Dense ``R(alpha)``: ``H_1 H_2 ... H_r`` at alpha = 1, its inverse at -1 (columns act)."""
+    basis, n_delta, n_sigma = hra_basis(u)
+    coef = hra_coefficients(n_delta[..., None, :], n_sigma[..., None, :], alpha)
+    gram = jnp.einsum("...dr,...ds->...rs", basis, basis)[..., None, :, :]
+    g = hra_coords(basis, gram, coef, alpha)  # row i: coordinates of R e_i
+    eye = jnp.broadcast_to(jnp.eye(u.shape[-2], dtype=g.dtype), (*g.shape[:-1], u.shape[-2]))
+    return eye + jnp.einsum("...dr,...er->...ed", g, basis)
+
+
+# -- ROAD -------------------------------------------------------------------------------
+def _halves(v: Array, group: int) -> Array:
+    return v.reshape(*v.shape[:-1], -1, 2, group // 2)
+
+
+def road_columns(
+    kind: str, group: int, theta: Float[Array, "*b n"], magnitude: Float[Array, "*b n"], alpha: Array
+) -> tuple[Float[Array, "*b d"], Float[Array, "*b d"]]:
+    """ROAD's ``(first, second)`` columns at runtime ``alpha`` (PEFT's parameter layout).
+
+    ``road_1``: one (theta, magnitude) per pair; ``road_2``: one per output; ``road_4``:
+    separate ones for the cos and sin columns. A negative magnitude is folded into the
+    angle (``m cos t = |m| cos(t + pi)``), then angles scale by alpha and magnitudes are
+    raised to alpha. Valid for alpha >= 0; negative alpha goes through :func:`road_inverse`.
+    """
+    lead = theta.shape[:-1]
+    if kind == "road_1":  # the pair (i, i + group/2) shares one angle and magnitude
+        h = group // 2
+        shape = (*lead, theta.shape[-1] // h, 2, h)
+        th_c = th_s = jnp.broadcast_to(theta.reshape(*lead, -1, 1, h), shape).reshape(*lead, -1)
+        m_c = m_s = jnp.broadcast_to(magnitude.reshape(*lead, -1, 1, h), shape).reshape(*lead, -1)
+    elif kind == "road_2":
+        th_c = th_s = theta
+        m_c = m_s = magnitude
+    else:  # road_4: per group, g cos angles then g sin angles
+        split = theta.reshape(*lead, -1, 2, group)
+        mags = magnitude.reshape(split.shape)
+        th_c, th_s = (split[..., i, :].reshape(*lead, -1) for i in (0, 1))
+        m_c, m_s = (mags[..., i, :].reshape(th_c.shape) for i in (0, 1))
+    th_c = th_c + jnp.where(m_c < 0, jnp.pi, 0.0)
+    th_s = th_s + jnp.where(m_s < 0, jnp.pi, 0.0)
+    first = jnp.power(jnp.abs(m_c), alpha) * jnp.cos(alpha * th_c)
+    second = jnp.power(jnp.abs(m_s), alpha) * jnp.sin(alpha * th_s)
+    return first, second
+
+
+def _swap_halves(v: Array, group: int) -> Array:
+    return jnp.flip(_halves(v, group), axis=-2).reshape(v.shape)
+
+
+def road_inverse(first: Array, second: Array, group: int, *, floor: float = 1e-12) -> tuple[Array, Array]:
+    """The inverse of every 2x2 block, again as ``(first, second)`` columns.
+
+    A singular block (determinant 0) has no inverse: its determinant is floored at
+    ``floor`` so the output stays finite.
+    """
+    f_sw = _swap_halves(first, group)
+    det = first * f_sw + second * _swap_halves(second, group)
+    det = jnp.where(det < 0, -1.0, 1.0) * jnp.maximum(jnp.abs(det), floor)
+    return f_sw / det, -second / det
+
+
+def road_apply(y: Float[Array, "*rows d"], first: Array, second: Array, group: int) -> Float[Array, "*rows d"]:
+    """``y * first + rotate_half(y) * second``, rotate_half ``(y1, y2) -> (-y2, y1)`` per group."""
+    halves = _halves(y, group)
+    rotated = jnp.stack([-halves[..., 1, :], halves[..., 0, :]], axis=-2).reshape(y.shape)
+    return y * first + rotated * second

@@ -24,7 +24,7 @@ from lora_jax import (
     merge_adapters,
     set_alpha,
 )
-from lora_jax.rotations import (
+from lora_jax.cayley import (
     angle_limit,
     block_diag,
     bound_skew,
@@ -33,7 +33,6 @@ from lora_jax.rotations import (
     orthogonality_error,
     rotation_angles,
     skew_from_params,
-    top_r_svd,
 )
 
 BY_NAME = {layout.name: layout for layout in LAYOUTS}
@@ -66,7 +65,7 @@ def the_adapter(model):
     return adapter
 
 
-# -- rotations.py ---------------------------------------------------------------------
+# -- cayley.py ------------------------------------------------------------------------
 @pytest.mark.parametrize("bs", [2, 3, 4, 8])
 def test_cayley_orthogonal_and_inverse(bs):
     params = 3.0 * jax.random.normal(jax.random.key(bs), (5, n_params(bs)))
@@ -119,19 +118,6 @@ def test_block_diag_and_param_errors():
         skew_from_params(jnp.zeros((3, 4)))
 
 
-def test_randomized_svd_matches_full():
-    key_u, key_v = jax.random.split(jax.random.key(0))
-    u, _ = jnp.linalg.qr(jax.random.normal(key_u, (2, 64, 32)))
-    v, _ = jnp.linalg.qr(jax.random.normal(key_v, (2, 48, 32)))
-    s = 0.7 ** jnp.arange(32.0)
-    matrix = (u * s[None, None, :]) @ jnp.swapaxes(v, -1, -2)
-    full = top_r_svd(matrix, 6)
-    fast = top_r_svd(matrix, 6, n_iter=3, key=jax.random.key(1))
-    np.testing.assert_allclose(fast[1], full[1], rtol=1e-4)
-    dense = lambda u, s, vh: (u * s[..., None, :]) @ vh
-    np.testing.assert_allclose(dense(*fast), dense(*full), atol=1e-4)
-
-
 # -- the adapter ------------------------------------------------------------------------
 @pytest.mark.parametrize("layout", LAYOUT_IDS)
 def test_alpha_zero_is_bit_identical_and_merge_matches(layout):
@@ -157,7 +143,7 @@ def numpy_reference(adapter, x, y_base, a):
     f64 = lambda v: np.asarray(v, np.float64)
     kernel = f64(spec.kernel_to_matrix(adapter.base.kernel[...]))
     u, s, vh = f64(adapter.u[...]), f64(adapter.s[...]), f64(adapter.vh[...])
-    d = f64(adapter.delta_s[...]) if adapter.delta_s is not None else np.zeros_like(s)
+    d = f64(adapter.delta_s[...])
     c = 2 * math.tan(cfg.max_angle / 2)
 
     def rotation(param):
@@ -192,6 +178,19 @@ def test_matches_float64_dense_reference(layout, rotate):
     for a in (1.0, -1.0, 0.6):
         set_alpha(model, a)
         np.testing.assert_allclose(model(x), numpy_reference(adapter, x, y_base, a), atol=1e-5)
+
+
+@pytest.mark.parametrize("options", [{"delta_s": False}, {"svd_iters": 2}], ids=["no_shift", "randomized_svd"])
+def test_options_match_reference(options):
+    """Shifts off: no DeltaS leaf, shifts frozen at 0. Randomized SVD: the delta form needs
+    only orthonormal-ish bases, so an approximate top-r changes nothing about exactness."""
+    host, model, x = adapted("q_BTD_DNH", block_size=2, **options)
+    adapter, y_base = the_adapter(model), host(x)
+    assert bool(jax.tree.leaves(nnx.state(model, DeltaS))) == options.get("delta_s", True)
+    np.testing.assert_allclose(model(x), numpy_reference(adapter, x, y_base, 1.0), atol=1e-5)
+    np.testing.assert_allclose(merge_adapters(model)(x), model(x), atol=1e-5)
+    set_alpha(model, 0.0)
+    np.testing.assert_array_equal(model(x), y_base)
 
 
 def test_per_row_alpha_matches_scalar_runs():

@@ -45,6 +45,20 @@ class Case:
 CASES: dict[str, Case] = {
     "lora": Case(lj.LoRAConfig(r=4, lora_alpha=8), zero_grad_at_init=("lora_a",)),
     "rslora": Case(lj.LoRAConfig(r=4, lora_alpha=8, rslora=True), zero_grad_at_init=("lora_a",)),
+    "antipasto": Case(lj.AntiPaSTOConfig(r=4, block_size=2, rotate="both")),
+    "ia3": Case(lj.IA3Config()),
+    "ia3_ff": Case(lj.IA3FFConfig()),
+    "hra": Case(lj.HRAConfig(r=4)),
+    # group_size=2: every layout's d_out is even, not every one is a multiple of 4
+    "road_1": Case(lj.ROADConfig(kind="road_1", group_size=2)),
+    "road_2": Case(lj.ROADConfig(kind="road_2", group_size=2)),
+    "road_4": Case(lj.ROADConfig(kind="road_4", group_size=2)),
+    "pissa": Case(lj.PiSSAConfig(r=4, lora_alpha=8)),
+    "olora": Case(lj.OLoRAConfig(r=4, lora_alpha=8)),
+    "dora": Case(lj.DoRAConfig(r=4, lora_alpha=8), zero_grad_at_init=("lora_a",)),
+    # DeLoRA normalises each rank term, so even a small perturbation gives the teacher a
+    # full-size delta (lambda / r per term) that the student reaches slowly from B = 0.
+    "delora": Case(lj.DeLoRAConfig(r=4), zero_grad_at_init=("lora_a", "delora_lambda"), steps=600),
 }
 
 
@@ -183,3 +197,18 @@ def test_training_moves_only_adapters_and_fits_toy_task(name):
     for (path, before), after in zip(jax.tree.leaves_with_path(base_before), jax.tree.leaves(base_after), strict=True):
         if "alpha" not in jax.tree_util.keystr(path):
             np.testing.assert_array_equal(before, after, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_checkpoint_round_trip_is_bit_exact(name, tmp_path):
+    from lora_jax.checkpoint import restore, save
+
+    case = CASES[name]
+    x = jax.random.normal(jax.random.key(1), (2, 3, 12))
+    model = _adapt(case, MLP(nnx.Rngs(0)), x)
+    _perturb(model, case.perturb)
+    lj.set_alpha(model, 0.5, pattern="heads")
+    fresh = MLP(nnx.Rngs(0))  # restore rebuilds the adapters (without calibration data) and loads them
+    restored = restore(save(tmp_path / name, model), fresh)
+    np.testing.assert_array_equal(np.asarray(restored(x)), np.asarray(model(x)))
+    assert not list(lj.iter_adapters(fresh))

@@ -6,26 +6,26 @@ Clark 2026, https://arxiv.org/abs/2601.07473 (code: github.com/wassname/AntiPaST
     y = base(x) + [h (R_in - I) S' + h diag(a d) + g S' (R_out^T - I)] Vh,
         h = x U, g = h R_in, S' = diag(S + a d)
 
-``R(a)`` is block-diagonal Cayley (lora_jax/rotations.py), angles soft-bounded by
-``max_angle``; ``d`` is ``delta_s`` (:class:`DeltaS`), the rotations are
-:class:`RotationParam`, so ``optax.multi_transform`` can give them different learning
-rates. ``rotate`` picks the input basis U (default), the output basis Vh, both or none.
+R(a) is block-diagonal Cayley (lora_jax/cayley.py) with angles soft-bounded by
+``max_angle``; ``rotate`` picks the input basis U (default), the output basis Vh, both or
+none. ``d`` (:class:`DeltaS`) and the rotations (:class:`RotationParam`) are distinct
+types, so ``optax.multi_transform`` can give them their own learning rates.
 
-Identity at t=0: rotation parameters are 0 (R = I); delta_s starts at
-``delta_s_init`` (0: exact identity; antipasto3 used 4e-4, a small bias that makes the
-+1 and -1 passes differ from the first step). Every term above is an exact zero at
-a = 0, so alpha = 0 is the base bit for bit.
+Identity at t=0: rotation parameters are 0 (R = I) and d = ``delta_s_init`` (0: exact;
+antipasto3 used 4e-4 so the +1 and -1 passes differ from the first step).
 
-Runtime alpha is ``a``: it scales the rotation generator and the shift together.
-R(-a) = R(a)^-1 exactly; the shift is additive, so S + a d and S - a d average to S.
-A per-row alpha (shape (batch,)) builds one rotation per row.
+Runtime alpha is ``a``, scaling rotation generator and shift together; each term above
+is an exact zero at a = 0. R(-a) = R(a)^-1, so with d = 0 the rotation at -a undoes the
+one at +a; a shift d != 0 is additive (S + ad and S - ad average to S) and survives that
+undo as U diag(ad) Vh. A per-row alpha (shape (batch,)) builds one rotation per row.
 
-Delta form, not a W_res copy: no second (d_in, d_out) kernel, the base keeps its dtype,
-bias and sharding. Cost (benchmarks/antipasto_forms.py, CPU, 256x4096 @ 1024x1024,
-r=64, bs=4, jit): delta 1.05x the time of the W_res form, and half its kernel memory.
+Delta form, not W_res: no second (d_in, d_out) kernel; the base keeps its dtype, bias and
+sharding. Same matmul FLOPs as ``x W_res + (x U R) S' Vh``; its rank-space elementwise
+ops cost 1.02-1.12x the W_res form's time (benchmarks/antipasto_forms.py, CPU, 2048 rows
+at d=1024 r=64 and 512 rows at d=512 r=32, bs=4) and save W_res's 4 MiB per d=1024 layer.
 
-Checked against a float64 numpy dense reference W_res + U R(a) diag(S + a d) Vh
-(tests/test_antipasto.py). Dims other than the top r: lora_jax/select.py.
+Checked against a float64 numpy dense W_res + U R_in diag(S + ad) R_out^T Vh
+(tests/test_antipasto.py). Data-driven dims instead of the top r: lora_jax/select.py.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Target, VariantConfig
-from lora_jax.rotations import block_diag, bound_skew, cayley_delta, n_params, skew_from_params, top_r_svd
+from lora_jax.cayley import block_diag, bound_skew, cayley_delta, n_params, skew_from_params
+from lora_jax.linalg import randomized_svd, top_r_svd
 from lora_jax.variants._checks import check_rank
 
 ROTATE = ("input", "output", "both", "none")
@@ -95,17 +96,17 @@ class AntiPaSTO(Adapter):
         batch, r, bs = target.spec.batch_shape, config.r, config.block_size
         key_svd, key_s = jax.random.split(target.key(seed))
         kernel = target.kernel_matrix(jnp.promote_types(self.dtype, jnp.float32))
-        u, s, vh = top_r_svd(kernel, r, n_iter=config.svd_iters, key=key_svd)
-        self.u, self.s, self.vh = (AdapterState(m.astype(self.dtype)) for m in (u, s, vh))
-        self.indices = AdapterState(jnp.broadcast_to(jnp.arange(r, dtype=jnp.int32), (*batch, r)))
+        n_iter, put = config.svd_iters, self.variable  # put: laid out (sharded) like the base kernel
+        svd = top_r_svd(kernel, r) if n_iter is None else randomized_svd(kernel, r, niter=n_iter, key=key_svd)
+        u, s, vh = (m.astype(self.dtype) for m in svd)
+        self.u, self.s, self.vh = put(AdapterState, u, "i-"), put(AdapterState, s, "-"), put(AdapterState, vh, "-o")
+        self.indices = put(AdapterState, jnp.broadcast_to(jnp.arange(r, dtype=jnp.int32), (*batch, r)), "-")
         noise = jax.random.truncated_normal(key_s, -2.0, 2.0, (*batch, r), self.dtype)
-        self.delta_s = DeltaS(config.delta_s_init * (1.0 + noise)) if config.delta_s else None
+        init = config.delta_s_init * (1.0 + noise) if config.delta_s else jnp.zeros_like(noise)
+        self.delta_s = put(DeltaS if config.delta_s else AdapterState, init, "-")  # frozen 0 if off: one code path
         zeros = jnp.zeros((*batch, r // bs, n_params(bs)), self.dtype)
-        self.rot_in = RotationParam(zeros) if config.rotate in ("input", "both") else None
-        self.rot_out = RotationParam(zeros) if config.rotate in ("output", "both") else None
-
-    def _shift(self) -> Array:
-        return self.delta_s[...] if self.delta_s is not None else jnp.zeros_like(self.s[...])
+        self.rot_in = put(RotationParam, zeros, "--") if config.rotate in ("input", "both") else None
+        self.rot_out = put(RotationParam, zeros, "--") if config.rotate in ("output", "both") else None
 
     def _delta(self, param: RotationParam, a: Array) -> Array:
         """``R(a) - I`` per block: (*batch, n, bs, bs), or (rows, *batch, n, bs, bs)."""
@@ -115,18 +116,15 @@ class AntiPaSTO(Adapter):
         """``h @ blockdiag(delta)`` in the rank-space layout (rank axis last)."""
         lay, batch = self.spec.layout(ndim), self.spec.batch
         n, i, j = [c for c in string.ascii_letters if c not in lay.hidden][:3]
-        rows = lay.lhs[0] if delta.ndim > len(batch) + 3 else ""
-        bs = delta.shape[-1]
-        blocks = h.reshape(*h.shape[:-1], h.shape[-1] // bs, bs)
-        free = lay.hidden[:-1]
-        out = jnp.einsum(f"{free}{n}{i},{rows}{batch}{n}{i}{j}->{free}{n}{j}", blocks, delta)
-        return out.reshape(h.shape)
+        rows, free = (lay.lhs[0] if delta.ndim > len(batch) + 3 else ""), lay.hidden[:-1]
+        blocks = h.reshape(*h.shape[:-1], -1, delta.shape[-1])
+        return jnp.einsum(f"{free}{n}{i},{rows}{batch}{n}{i}{j}->{free}{n}{j}", blocks, delta).reshape(h.shape)
 
     def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:
         y = call_base(x)
         spec, ndim = self.spec, x.ndim
         a = self.alpha[...].astype(self.dtype)
-        shift = self.alpha_for("hidden", ndim) * spec.rank_broadcast(self._shift(), ndim)
+        shift = self.alpha_for("hidden", ndim) * spec.rank_broadcast(self.delta_s[...], ndim)
         s_new = spec.rank_broadcast(self.s[...], ndim) + shift
         h = spec.project_in(x.astype(self.dtype), self.u[...])
         z, g = h * shift, h
@@ -139,7 +137,7 @@ class AntiPaSTO(Adapter):
 
     def merged(self, kernel, bias):
         a = self.scalar_alpha()
-        shift = a * self._shift()
+        shift = a * self.delta_s[...]
         s_new = self.s[...] + shift
         eye = jnp.eye(s_new.shape[-1], dtype=self.dtype)
         core = jnp.einsum("...i,ij->...ij", shift, eye)  # (S' - S) in the unrotated basis

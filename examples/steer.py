@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from lora_jax import AdapterConfig, AdapterParam, AntiPaSTOConfig, LoRAConfig, Rule, apply_adapters, set_alpha
 from lora_jax.models import ByteTokenizer, Qwen3, load_hf, load_tokenizer, tiny_config
+from lora_jax.select import select_dimensions
 from lora_jax.steering import format_table, plot_sweep, sweep, sweep_metrics
 
 DATA = Path(__file__).parent / "data" / "persona_pairs.json"
@@ -167,6 +168,9 @@ def run(argv=None) -> dict:
     ap.add_argument("--variant", default="antipasto", choices=("antipasto", "lora"))
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--block-size", type=int, default=4, help="AntiPaSTO rotation block size")
+    ap.add_argument(
+        "--select", default="l1_trip", choices=("top", "wanda", "l1_trip"), help="AntiPaSTO dims: top-r by S or data"
+    )
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=16, help="pairs per step")
     ap.add_argument("--lr", type=float, default=1e-2, help="the paper used 2e-3 on real models")
@@ -191,6 +195,18 @@ def run(argv=None) -> dict:
     # swept after training: the held-out pairs, then as many training pairs for comparison
     probe = {k: jnp.asarray(v) for k, v in encode(tokenizer, eval_pairs + train_pairs[:n_eval]).items()}
 
+    if args.variant == "antipasto" and args.select != "top":
+        # pairs interleaved (chosen, rejected, chosen, ...), as select_dimensions reads them
+        n = len(train_pairs)
+        rows = np.stack([np.arange(n), np.arange(n) + n], axis=1).ravel()
+        chunks = [rows[i : i + 2 * args.batch] for i in range(0, 2 * n, 2 * args.batch)]
+        select_dimensions(
+            model,
+            [{k: v[c] for k, v in train.items()} for c in chunks],
+            method=args.select,
+            forward=lambda m, b: m(b["tokens"], b["mask"]),
+            mask=lambda b: b["mask"],
+        )
     optimizer = nnx.Optimizer(model, optax.adamw(args.lr), wrt=AdapterParam)
     loss_fn = functools.partial(
         steering_loss,

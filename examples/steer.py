@@ -42,6 +42,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from lora_jax import AdapterConfig, AdapterParam, AntiPaSTOConfig, LoRAConfig, Rule, apply_adapters, set_alpha
+from lora_jax.checkpoint import restore, save
 from lora_jax.models import ByteTokenizer, Qwen3, load_hf, load_tokenizer, tiny_config
 from lora_jax.select import select_dimensions
 from lora_jax.steering import format_table, plot_sweep, sweep, sweep_metrics
@@ -143,14 +144,19 @@ def steering_loss(model, batch, *, hidden_layer: int, margin: float, coh_frac: f
     return loss, {"proj": proj, "coh": coherence, "mono": mono, "tv": tv.mean(), "gap+": up.mean(), "gap-": down.mean()}
 
 
-def build(args):
+def load_base(args):
+    """The base model and its tokenizer: a local HF checkpoint, or the tiny random Qwen3."""
     if args.model:
         model, tokenizer = load_hf(args.model), load_tokenizer(args.model)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-    else:
-        tokenizer = ByteTokenizer()
-        model = Qwen3(tiny_config(tokenizer.vocab_size, n_layers=4), rngs=nnx.Rngs(args.seed))
+        return model, tokenizer
+    tokenizer = ByteTokenizer()
+    return Qwen3(tiny_config(tokenizer.vocab_size, n_layers=4), rngs=nnx.Rngs(args.seed)), tokenizer
+
+
+def build(args):
+    model, tokenizer = load_base(args)
     n_layers = len(model.layers)
     layers = tuple(range(int(0.1 * n_layers), max(n_layers // 2, 1)))  # the paper's [0.1 L, 0.5 L)
     if args.variant == "antipasto":  # antipasto3's small delta_s init: +1 and -1 differ from step one
@@ -265,7 +271,22 @@ def run(argv=None) -> dict:
     t = metrics["train"]
     print(f"\ntraining pairs ({n_eval}): slope {t.slope:+.4g}, R² {t.r2:.3f}, monotone steps {t.monotone_frac:.0%}")
     print(f"\nplot: {png}")
-    return {"losses": losses, "loss_before": loss_before, "loss_after": loss_after, "metrics": metrics, "png": png}
+
+    # The adapter alone goes to disk and back onto a freshly loaded base model.
+    ckpt = os.path.abspath(os.path.join(args.out, "adapter"))
+    save(ckpt, model, overwrite=True)
+    restored = restore(ckpt, load_base(args)[0])
+    same = bool(jnp.array_equal(model(probe["tokens"], probe["mask"]), restored(probe["tokens"], probe["mask"])))
+    print(f"adapter saved to {ckpt}; restored onto a fresh base model: logits identical = {same}")
+    return {
+        "losses": losses,
+        "loss_before": loss_before,
+        "loss_after": loss_after,
+        "metrics": metrics,
+        "png": png,
+        "checkpoint": ckpt,
+        "restore_identical": same,
+    }
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ def test_steer_example_trains_a_monotone_steering_direction(tmp_path):
         assert (np.diff(m.effect[trained]) > 0).all(), (name, m.alphas, m.effect)
         assert m.slope > 0 and m.spearman > 0.9, (name, m.slope, m.spearman)
     assert Path(result["png"]).stat().st_size > 5000
+    assert result["restore_identical"], "the saved adapter, restored onto a fresh base, must give identical logits"
 
 
 def test_steer_example_on_hf_checkpoint(tmp_path):

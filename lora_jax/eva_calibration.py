@@ -205,7 +205,8 @@ def apply_eva_plan(model: nnx.Module, plan: EvaPlan) -> nnx.Module:
     new = apply_adapters(model, plan.config)
     for path, adapter in iter_adapters(new):
         if path in plan.components:
-            adapter.lora_a[...] = plan.components[path].astype(adapter.dtype)
+            old = adapter.lora_a[...]  # keep the placement a sharded model gave it
+            adapter.lora_a[...] = jax.device_put(plan.components[path].astype(old.dtype), old.sharding)
     return new
 
 

@@ -175,7 +175,7 @@ def moments_update(stat: dict[str, Array], rows: Array, mask: Array) -> dict[str
     it is for some channels of LLM residual streams. ``mask`` entries are 0 or 1.
     """
     n_a, n_b = stat["count"], mask.sum()
-    keep = mask[:, None] > 0
+    keep = (mask > 0).reshape((1,) * (rows.ndim - 2) + (-1, 1))  # explicit rank over kernel-batch axes
     mean_b = jnp.where(keep, rows, 0.0).sum(-2) / jnp.maximum(n_b, 1.0)  # padding may hold NaN
     centered = jnp.where(keep, rows - mean_b[..., None, :], 0.0)
     n = n_a + n_b

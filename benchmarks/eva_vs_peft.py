@@ -116,22 +116,31 @@ def main() -> None:
         start = time.perf_counter()
         plan = lj.eva_plan(model, cfg, batches, forward=forward, mask=lambda b: b["attention_mask"])
         times.append(time.perf_counter() - start)
+    # The noise floor: the same estimator on two disjoint halves of the data.
+    halves = [
+        lj.eva_plan(model, cfg, batches[i::2], forward=forward, mask=lambda b: b["attention_mask"]) for i in (0, 1)
+    ]
     print(f"PEFT get_eva_state_dict: {peft_s:.1f} s (cycles the data until converged)")
     print(f"lora_jax eva_plan: {times[0]:.1f} s first call, {times[1]:.1f} s second; {plan.n_batches} batches")
-    # gap: relative distance of the worst-matching component's eigenvalue to its nearest
-    # neighbour; a small gap makes that component ill-conditioned for any estimator.
-    print(f"{'layer':16} {'peft r':>6} {'ours r':>6} {'min |cos|':>9} {'gap':>6}")
+    # min |cos| over the components both got; gap: relative distance of the worst one's
+    # eigenvalue to its nearest neighbour (small gaps are ill-conditioned for any estimator);
+    # halves: min |cos| between lora_jax runs on the even and the odd batches.
+    print(f"{'layer':16} {'peft r':>6} {'ours r':>6} {'min |cos|':>9} {'gap':>6} {'halves':>6}")
     for path in reference:
         ours = np.asarray(plan.components.get(path, np.zeros((args.d, 0))))
         ref = reference[path].numpy().T
         k = min(ours.shape[1], ref.shape[1])
-        if k == 0:
-            print(f"{path:16} {ref.shape[1]:6d} {ours.shape[1]:6d}")
-            continue
-        cos = np.abs(np.sum(ours[:, :k] * ref[:, :k], 0)) / np.linalg.norm(ref[:, :k], axis=0)
+        cos = _min_abs_cos(ours, ref)
         ratio, worst = plan.ratios[path], int(cos.argmin())
         gap = min(abs(ratio[worst] - ratio[j]) for j in (worst - 1, worst + 1) if 0 <= j < len(ratio)) / ratio[worst]
-        print(f"{path:16} {ref.shape[1]:6d} {ours.shape[1]:6d} {cos.min():9.4f} {gap:6.3f}")
+        split = _min_abs_cos(*(np.asarray(h.components[path])[:, :k] for h in halves)).min()
+        print(f"{path:16} {ref.shape[1]:6d} {ours.shape[1]:6d} {cos.min():9.4f} {gap:6.3f} {split:6.3f}")
+
+
+def _min_abs_cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    k = min(a.shape[1], b.shape[1])
+    a, b = a[:, :k], b[:, :k]
+    return np.abs(np.sum(a * b, 0)) / (np.linalg.norm(a, axis=0) * np.linalg.norm(b, axis=0))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ model = apply_adapters(model, AdapterConfig(rules=(Rule(pattern="proj", variant=
 optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=AdapterParam)
 """
 
+from lora_jax._version import __version__ as __version__
 from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Alpha, Target, VariantConfig
 from lora_jax.calibrate import collect_statistics, moments_init, moments_update
 from lora_jax.config import AdapterConfig, Rule
@@ -17,10 +18,36 @@ from lora_jax.surgery import (
     merge_adapters,
     set_alpha,
 )
-from lora_jax.variants import EVA, VARIANTS, EVAConfig, LoRA, LoRAConfig
+from lora_jax.variants import (
+    EVA,
+    HRA,
+    IA3,
+    IA3FF,
+    ROAD,
+    VARIANTS,
+    AntiPaSTO,
+    AntiPaSTOConfig,
+    DeLoRA,
+    DeLoRAConfig,
+    DeltaS,
+    DoRA,
+    DoRAConfig,
+    EVAConfig,
+    HRAConfig,
+    IA3Config,
+    IA3FFConfig,
+    LoRA,
+    LoRAConfig,
+    OLoRA,
+    OLoRAConfig,
+    PiSSA,
+    PiSSAConfig,
+    ROADConfig,
+    RotationParam,
+    hra_orthogonality_penalty,
+    to_lora,
+)
 from lora_jax.views import EinsumSpec, UnsupportedLayerError, ViewInfo, register_view, view_of
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
@@ -29,6 +56,13 @@ __all__ = [
     "AdapterState",
     "Alpha",
     "AlreadyAdaptedError",
+    "AntiPaSTO",
+    "AntiPaSTOConfig",
+    "DeltaS",
+    "DeLoRA",
+    "DeLoRAConfig",
+    "DoRA",
+    "DoRAConfig",
     "EVA",
     "EVAConfig",
     "EinsumSpec",
@@ -36,6 +70,19 @@ __all__ = [
     "LoRA",
     "LoRAConfig",
     "NoMatchError",
+    "OLoRA",
+    "OLoRAConfig",
+    "PiSSA",
+    "PiSSAConfig",
+    "RotationParam",
+    "HRA",
+    "HRAConfig",
+    "IA3",
+    "IA3Config",
+    "IA3FF",
+    "IA3FFConfig",
+    "ROAD",
+    "ROADConfig",
     "Rule",
     "Target",
     "UnsupportedLayerError",
@@ -48,11 +95,13 @@ __all__ = [
     "eva_init",
     "eva_plan",
     "find_targets",
+    "hra_orthogonality_penalty",
     "iter_adapters",
     "merge_adapters",
     "moments_init",
     "moments_update",
     "register_view",
     "set_alpha",
+    "to_lora",
     "view_of",
 ]

@@ -28,7 +28,7 @@ from jaxtyping import Array, Float
 
 from lora_jax.views import EinsumSpec, ViewInfo
 
-__all__ = ["Adapter", "AdapterParam", "AdapterState", "Alpha", "VariantConfig", "Target"]
+__all__ = ["ADAPTER_VARIABLES", "Adapter", "AdapterParam", "AdapterState", "Alpha", "VariantConfig", "Target"]
 
 
 class AdapterParam(nnx.LoRAParam):
@@ -44,6 +44,11 @@ class Alpha(nnx.Variable):
 
     A scalar, or one value per input row (shape ``(batch,)``) for a sweep in one pass.
     """
+
+
+# Everything that belongs to an adapter and nothing of the base: the filter that
+# checkpoints and state transforms use (AdapterParam subclasses match too).
+ADAPTER_VARIABLES = (AdapterParam, AdapterState, Alpha)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,9 +2,61 @@
 written out here, not filled by import side effects, so the list is one place to read."""
 
 from lora_jax.adapter import VariantConfig
+from lora_jax.variants.antipasto import AntiPaSTO, AntiPaSTOConfig, DeltaS, RotationParam
+from lora_jax.variants.delora import DeLoRA, DeLoRAConfig
+from lora_jax.variants.dora import DoRA, DoRAConfig
 from lora_jax.variants.eva import EVA, EVAConfig
+from lora_jax.variants.hra import HRA, HRAConfig, hra_orthogonality_penalty
+from lora_jax.variants.ia3 import IA3, IA3Config
+from lora_jax.variants.ia3_ff import IA3FF, IA3FFConfig
 from lora_jax.variants.lora import LoRA, LoRAConfig
+from lora_jax.variants.olora import OLoRA, OLoRAConfig
+from lora_jax.variants.pissa import PiSSA, PiSSAConfig, to_lora
+from lora_jax.variants.road import ROAD, ROADConfig
 
-VARIANTS: dict[str, type[VariantConfig]] = {cls.name: cls for cls in (LoRAConfig, EVAConfig)}
+VARIANTS: dict[str, type[VariantConfig]] = {
+    cls.name: cls
+    for cls in (
+        LoRAConfig,
+        PiSSAConfig,
+        OLoRAConfig,
+        DoRAConfig,
+        DeLoRAConfig,
+        IA3Config,
+        IA3FFConfig,
+        HRAConfig,
+        ROADConfig,
+        EVAConfig,
+        AntiPaSTOConfig,
+    )
+}
 
-__all__ = ["VARIANTS", "EVA", "EVAConfig", "LoRA", "LoRAConfig"]
+__all__ = [
+    "HRA",
+    "IA3",
+    "IA3FF",
+    "ROAD",
+    "VARIANTS",
+    "AntiPaSTO",
+    "AntiPaSTOConfig",
+    "DeLoRA",
+    "DeLoRAConfig",
+    "DeltaS",
+    "DoRA",
+    "DoRAConfig",
+    "EVA",
+    "EVAConfig",
+    "HRAConfig",
+    "IA3Config",
+    "IA3FFConfig",
+    "LoRA",
+    "LoRAConfig",
+    "OLoRA",
+    "OLoRAConfig",
+    "PiSSA",
+    "PiSSAConfig",
+    "ROADConfig",
+    "RotationParam",
+    "hra_orthogonality_penalty",
+    "to_lora",
+]

@@ -15,37 +15,22 @@ Checked against ``peft.tuners.lora.layer.Linear`` (tests/test_parity_peft.py).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array
 
-from lora_jax.adapter import Adapter, AdapterParam, Target, VariantConfig
+from lora_jax.adapter import Adapter, Target
 from lora_jax.variants._checks import check_rank
+from lora_jax.variants._lowrank import LowRankConfig, lora_pair
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LoRAConfig(VariantConfig):
-    """``r`` rank, ``lora_alpha`` scale numerator (PEFT's ``lora_alpha``), ``rslora``
-    for ``lora_alpha / sqrt(r)``, ``dropout`` on the adapter's input (train mode only)."""
+class LoRAConfig(LowRankConfig):
+    """``r``, ``lora_alpha``, ``rslora``, ``dropout``: see :class:`LowRankConfig`."""
 
     name = "lora"
-    r: int = 8
-    lora_alpha: float = 8.0
-    rslora: bool = False
-    dropout: float = 0.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora: dropout={self.dropout} must be in [0, 1)")
-
-    @property
-    def scale(self) -> float:
-        return self.lora_alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
     def build(self, target: Target, *, seed: int) -> LoRA:
         check_rank(self.name, self.r, target)
@@ -55,12 +40,8 @@ class LoRAConfig(VariantConfig):
 class LoRA(Adapter):
     def __init__(self, target: Target, config: LoRAConfig, *, seed: int):
         super().__init__(target, config)
-        spec, r = target.spec, config.r
-        bound = 1.0 / math.sqrt(spec.d_in)
-        a_shape = (*spec.batch_shape, spec.d_in, r)
         key_a, key_dropout = jax.random.split(target.key(seed))
-        self.lora_a = self.variable(AdapterParam, jax.random.uniform(key_a, a_shape, self.dtype, -bound, bound), "i-")
-        self.lora_b = self.variable(AdapterParam, jnp.zeros((*spec.batch_shape, r, spec.d_out), self.dtype), "-o")
+        self.lora_a, self.lora_b = lora_pair(self, key_a, config.r)
         self.dropout = nnx.Dropout(config.dropout, rngs=nnx.Rngs(dropout=key_dropout)) if config.dropout else None
 
     def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:

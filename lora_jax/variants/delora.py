@@ -1,0 +1,91 @@
+"""DeLoRA: decoupled low-rank adaptation. Bini et al. 2025, https://arxiv.org/abs/2503.18225
+
+    y = base(x) + alpha * ((x * w) A) diag(lambda / (r |a_i| |b_i|)) B
+
+Flax layout: ``A (d_in, r)`` with columns ``a_i``, ``B (r, d_out)`` with rows ``b_i``,
+``w (d_in,)`` the frozen norms of the kernel's input rows (PEFT's ``W.norm(dim=0)``),
+``lambda`` a trainable scalar per kernel-batch index (PEFT default 15). Each rank-1 term
+is normalised, so the update's norm is bounded by ``|alpha| lambda`` times the input-row
+norms whatever A and B grow to. Norms are clamped at 1e-4 as in PEFT (on the squared
+norm, so the gradient at B = 0 is finite). Once a row of B leaves the clamp its term has
+the full normalised size, so the first optimizer step from B = 0 already moves the layer
+by up to lambda / r per rank: a large jump at PEFT's lambda = 15.
+
+Identity at t=0: bit-exact (B = 0, so the last matmul is over exact zeros; B's clamped
+norm keeps the scale finite).
+
+Runtime alpha scales the delta: 0 is the base (bit-exact), 1 the trained adapter, -1 the
+negated delta (the mirror update, inside the same bound). The paper suggests a learning
+rate 10-100x LoRA's; ``lambda`` has its own Variable type for a separate rate. Checked
+against ``peft.tuners.delora.layer.DeloraLinear``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array
+
+from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Target, VariantConfig
+from lora_jax.linalg import column_norms, row_norms
+from lora_jax.variants._checks import check_dropout, check_rank, dense_kernel
+from lora_jax.variants._lowrank import lora_pair
+
+_CLAMP = 1e-4  # PEFT's floor on the factor norms: keeps the scale finite at B = 0
+
+
+class DeLoRALambda(AdapterParam):
+    """DeLoRA's per-layer bound lambda: its own type so it can get its own learning rate."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeLoRAConfig(VariantConfig):
+    """``r`` rank, ``delora_lambda`` initial bound (PEFT default 15), ``dropout`` on the
+    adapter's input (train mode only)."""
+
+    name = "delora"
+    r: int = 8
+    delora_lambda: float = 15.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_dropout(self.name, self.dropout)
+
+    def build(self, target: Target, *, seed: int) -> DeLoRA:
+        check_rank(self.name, self.r, target)
+        w_norm = row_norms(dense_kernel(self.name, target, self.dtype))
+        return DeLoRA(target, self, w_norm, seed=seed)
+
+
+class DeLoRA(Adapter):
+    def __init__(self, target: Target, config: DeLoRAConfig, w_norm: Array, *, seed: int):
+        super().__init__(target, config)
+        key_a, key_dropout = jax.random.split(target.key(seed))
+        self.lora_a, self.lora_b = lora_pair(self, key_a, config.r)
+        lam = jnp.full(target.spec.batch_shape, config.delora_lambda, self.dtype)
+        self.delora_lambda = self.variable(DeLoRALambda, lam, "")
+        self.w_norm = self.variable(AdapterState, w_norm.astype(self.dtype), "i")
+        self.dropout = nnx.Dropout(config.dropout, rngs=nnx.Rngs(dropout=key_dropout)) if config.dropout else None
+
+    def _rank_scale(self) -> Array:
+        """``lambda / (r |a_i| |b_i|)``, shape ``(*batch, r)``."""
+        norms = column_norms(self.lora_a[...], _CLAMP) * row_norms(self.lora_b[...], _CLAMP)
+        return self.delora_lambda[...][..., None] / self.config.r / norms
+
+    def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:
+        y = call_base(x)
+        h = x.astype(self.dtype)
+        if self.dropout is not None:
+            h = self.dropout(h)
+        h = self.spec.project_in(h * self.spec.in_broadcast(self.w_norm[...], x.ndim), self.lora_a[...])
+        h = h * (self.spec.rank_broadcast(self._rank_scale(), x.ndim) * self.alpha_for("hidden", x.ndim))
+        return y + self.spec.project_out(h, self.lora_b[...], x.ndim).astype(y.dtype)
+
+    def merged(self, kernel, bias):
+        a = self.w_norm[...][..., :, None] * self.lora_a[...] * self._rank_scale()[..., None, :]
+        return kernel + self.scalar_alpha() * (a @ self.lora_b[...]), bias

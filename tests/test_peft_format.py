@@ -1,0 +1,239 @@
+"""PEFT format parity: a torch MLP and its NNX mirror (Linear and Einsum layers), PEFT on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from lora_jax import (
+    VARIANTS,
+    AdapterConfig,
+    AdapterParam,
+    LoRAConfig,
+    Rule,
+    apply_adapters,
+    iter_adapters,
+    set_alpha,
+)
+from lora_jax.peft_format import CODECS, PeftFormatError, export_peft, import_peft
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+B, T = 2, 3
+
+
+class Net(nnx.Module):
+    """up: Linear 8->16; q: 16 -> (2 heads, 4); o: (2, 4) -> 8 (two contracted axes)."""
+
+    def __init__(self, seed=0):
+        rngs = nnx.Rngs(seed)
+        init = nnx.initializers.normal(0.5)
+        self.up = nnx.Linear(8, 16, rngs=rngs, bias_init=init)
+        self.q = nnx.Einsum("BTD,DNH->BTNH", (16, 2, 4), (2, 4), rngs=rngs, bias_init=init)
+        self.o = nnx.Einsum("BTNH,NHD->BTD", (2, 4, 8), (8,), rngs=rngs, bias_init=init)
+
+    def __call__(self, x):
+        return self.o(jnp.tanh(self.q(jnp.tanh(self.up(x)))))
+
+
+class TorchNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.q, self.o = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = torch.tanh(self.q(torch.tanh(self.up(x))))  # (B, T, N*H): N-major, as the kernel's N, H order
+        return self.o(h)
+
+
+def torch_mirror(net: Net) -> TorchNet:
+    """Same weights: torch weight = kernel matrix.T (d_out, d_in), bias flattened in kernel order."""
+    mirror = TorchNet()
+    for name in ("up", "q", "o"):
+        layer = getattr(net, name)
+        matrix = np.asarray(layer.kernel[...]).reshape(-1, getattr(mirror, name).out_features)
+        getattr(mirror, name).weight.data = torch.tensor(matrix.T.copy())
+        getattr(mirror, name).bias.data = torch.tensor(np.asarray(layer.bias[...]).reshape(-1))
+    return mirror
+
+
+def same_name(path: str) -> str:
+    return path
+
+
+X = np.asarray(jax.random.normal(jax.random.key(0), (B, T, 8)))
+
+
+def torch_out(model) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(X)).numpy()
+
+
+def trained(base: Net) -> nnx.Module:
+    """Three Adam steps, different rank and lora_alpha per layer, so patterns are exercised."""
+    cfg = AdapterConfig(
+        rules=(
+            Rule(pattern="up", variant=LoRAConfig(r=4, lora_alpha=8.0)),
+            Rule(pattern="q|o", variant=LoRAConfig(r=2, lora_alpha=3.0)),
+        )
+    )
+    model = apply_adapters(base, cfg)
+    optimizer = nnx.Optimizer(model, optax.adam(5e-2), wrt=AdapterParam)
+    y = jax.random.normal(jax.random.key(1), (B, T, 8))
+
+    @nnx.jit
+    def step(model, optimizer):
+        grads = nnx.grad(lambda m: jnp.mean((m(X) - y) ** 2), argnums=nnx.DiffState(0, AdapterParam))(model)
+        optimizer.update(model, grads)
+
+    for _ in range(3):
+        step(model, optimizer)
+    return model
+
+
+def test_export_loads_in_peft_with_the_same_outputs(tmp_path):
+    base = Net()
+    model = trained(base)
+    set_alpha(model, 0.5, pattern="q")  # PEFT has no alpha: exported into B
+    export_peft(tmp_path, model, hf_name=same_name)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["rank_pattern"], config["alpha_pattern"]) == (2, {"^up": 4}, {"^up": 8.0})
+    peft_model = peft.PeftModel.from_pretrained(torch_mirror(base), str(tmp_path))
+    ours = np.asarray(model(jnp.asarray(X)))
+    assert np.abs(ours - np.asarray(base(jnp.asarray(X)))).max() > 1e-2  # the adapter does something
+    np.testing.assert_allclose(torch_out(peft_model), ours, rtol=1e-4, atol=1e-4)
+
+
+def test_peft_saved_adapter_imports_with_peft_outputs(tmp_path):
+    base = Net()
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=16,
+        target_modules=["up", "q", "o"],
+        init_lora_weights=False,  # random B: a non-trivial adapter
+        rank_pattern={"o": 2},
+        alpha_pattern={"q": 3},
+    )
+    peft_model = peft.get_peft_model(torch_mirror(base), cfg)
+    peft_model.save_pretrained(str(tmp_path))
+    model = import_peft(tmp_path, base, hf_name=same_name)
+    ranks = {path: a.config.r for path, a in iter_adapters(model)}
+    assert ranks == {"o": 2, "q": 4, "up": 4}
+    assert dict(iter_adapters(model))["q"].config.lora_alpha == 3.0
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(X))), torch_out(peft_model), rtol=1e-4, atol=1e-4)
+    assert list(iter_adapters(base)) == []
+
+
+# The codec rows whose variant this build has: new variants are covered once they land.
+ACTIVE = sorted(name for name in CODECS if name in VARIANTS)
+
+
+# PiSSA / OLoRA export as a rank-2r LoRA, which must fit min(d_in, d_out) = 8 to import.
+OPTIONS = {"pissa": {"r": 4}, "olora": {"r": 4}}
+
+
+def moved(name: str) -> nnx.Module:
+    variant = VARIANTS[name](**OPTIONS.get(name, {}))
+    model = apply_adapters(Net(), AdapterConfig(rules=(Rule(pattern="up|q|o", variant=variant),), seed=3))
+    leaves, treedef = jax.tree.flatten(nnx.state(model, AdapterParam))
+    keys = jax.random.split(jax.random.key(4), len(leaves))
+    moved = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    nnx.update(model, treedef.unflatten(moved))
+    return model
+
+
+@pytest.mark.parametrize("name", ACTIVE)
+def test_every_codec_loads_in_peft_with_the_same_outputs(tmp_path, name):
+    model = moved(name)
+    export_peft(tmp_path, model, hf_name=same_name)
+    peft_model = peft.PeftModel.from_pretrained(torch_mirror(Net()), str(tmp_path))
+    np.testing.assert_allclose(torch_out(peft_model), np.asarray(model(jnp.asarray(X))), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ACTIVE)
+def test_round_trip(tmp_path, name):
+    model = moved(name)
+    export_peft(tmp_path, model, hf_name=lambda p: f"model.{p}_proj")
+    back = import_peft(tmp_path, Net(), hf_name=lambda p: f"model.{p}_proj")
+    x = jnp.asarray(X)
+    if {a.config.name for _, a in iter_adapters(back)} == {name}:
+        jax.tree.map(np.testing.assert_array_equal, nnx.state(back), nnx.state(model))
+    else:  # an export-only conversion (PiSSA -> LoRA): the same function, other factors
+        np.testing.assert_allclose(back(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_export_rejects_kernel_batch_axes(tmp_path):
+    class Experts(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Einsum("EBD,EDF->EBF", (2, 8, 4), rngs=nnx.Rngs(0))
+
+    model = apply_adapters(Experts(), AdapterConfig(rules=(Rule(pattern="w", variant=LoRAConfig(r=2)),)))
+    with pytest.raises(PeftFormatError, match=r"'w': einsum 'EBD,EDF->EBF' has kernel-batch axes \(2,\)"):
+        export_peft(tmp_path, model, hf_name=same_name)
+
+
+def test_import_names_what_does_not_fit(tmp_path):
+    export_peft(tmp_path, trained(Net()), hf_name=same_name)
+    with pytest.raises(PeftFormatError, match=r"no layer of the base model maps to \['o', 'q', 'up'\]"):
+        import_peft(tmp_path, Net(), hf_name=lambda p: f"x.{p}")
+    swapped = {"q": "o", "o": "q", "up": "up"}
+    with pytest.raises(PeftFormatError, match=r"o.lora_a needs shape \(8, 2\) but the file gives \(16, 2\)"):
+        import_peft(tmp_path, Net(), hf_name=lambda p: swapped.get(p))
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LOHA"}))
+    with pytest.raises(PeftFormatError, match=r"tensor 'base_model.model.o.lora_A.weight' is not"):
+        import_peft(tmp_path, Net(), hf_name=same_name)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["head"]}))
+    with pytest.raises(PeftFormatError, match=r"PEFT options \{'modules_to_save': \['head'\]\} are not supported"):
+        import_peft(tmp_path, Net(), hf_name=same_name)
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # inside PEFT's save_pretrained
+def test_qwen3_adapters_both_ways_match_hf_peft(tmp_path):
+    """The reference Qwen3 (Einsum attention, GQA) against HF + PEFT, names via to_hf_name."""
+    from test_qwen3 import MASK, _hf_logits, _ours_logits, _write_checkpoint
+
+    from lora_jax.models import load_hf, to_hf_name
+
+    transformers = pytest.importorskip("transformers")
+    _write_checkpoint("qwen3", tmp_path / "hf")
+    hf = lambda: transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    real = MASK.astype(bool)
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+    rule = Rule(pattern="|".join(projections), variant=LoRAConfig(r=4, lora_alpha=8.0))
+    ours = apply_adapters(load_hf(tmp_path / "hf"), AdapterConfig(rules=(rule,)))
+    leaves, treedef = jax.tree.flatten(nnx.state(ours, AdapterParam))
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    nnx.update(
+        ours, treedef.unflatten([x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)])
+    )
+    export_peft(tmp_path / "ours", ours, hf_name=to_hf_name)
+    loaded = peft.PeftModel.from_pretrained(hf(), str(tmp_path / "ours")).eval()
+    want = _hf_logits(loaded)
+    assert np.abs(want[real] - _hf_logits(hf())[real]).max() > 1e-2
+    np.testing.assert_allclose(_ours_logits(ours)[real], want[real], atol=1e-4, rtol=1e-4)
+
+    torch.manual_seed(3)
+    theirs = peft.get_peft_model(
+        hf(), peft.LoraConfig(r=2, lora_alpha=5, target_modules=projections, init_lora_weights=False)
+    )
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    imported = import_peft(tmp_path / "theirs", load_hf(tmp_path / "hf"), hf_name=to_hf_name)
+    assert len(list(iter_adapters(imported))) == 7 * 2
+    np.testing.assert_allclose(_ours_logits(imported)[real], _hf_logits(theirs.eval())[real], atol=1e-4, rtol=1e-4)
+
+
+def test_export_needs_alpha_one_where_peft_cannot_hold_it(tmp_path):
+    model = moved("dora")  # DoRA is not linear in alpha, so alpha cannot be folded into a tensor
+    set_alpha(model, 0.5, pattern="q")
+    with pytest.raises(PeftFormatError, match=r"'q': alpha is 0.5; PEFT has no alpha .* set_alpha\(model, 1.0\)"):
+        export_peft(tmp_path, model, hf_name=same_name)

@@ -24,7 +24,9 @@ from flax import nnx
 from tqdm import tqdm
 
 import lora_jax as lj
-from lora_jax.models import ByteTokenizer, Qwen3, generate, load_hf, load_tokenizer, tiny_config
+from lora_jax.checkpoint import restore, save
+from lora_jax.models import ByteTokenizer, Qwen3, generate, load_hf, load_tokenizer, tiny_config, to_hf_name
+from lora_jax.peft_format import CODECS, export_peft
 
 CORPUS = Path(__file__).with_name("data") / "tiny_corpus.txt"
 DEFAULT_PATTERN = r"(q|k|v|o|gate|up|down)_proj"
@@ -44,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample-tokens", type=int, default=60, help="greedy sample length after training (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", default="finetune_out", help="where the adapter checkpoint and PEFT files go")
     return p.parse_args(argv)
 
 
@@ -83,14 +86,13 @@ def eval_loss(model, ids, mask):
     return lm_loss(model, ids, mask)
 
 
-def save_checkpoint(model, adapter_config: lj.AdapterConfig, step: int) -> None:
-    """Checkpoint hook, called once after training with the adapted model.
-
-    lora_jax has no checkpoint module yet, so this saves nothing. The place to add it:
-    write ``nnx.state(model, nnx.Any(lj.AdapterParam, lj.AdapterState, lj.Alpha))`` with
-    Orbax and ``adapter_config.to_json()`` next to it (or a PEFT export).
-    """
-    del model, adapter_config, step
+def save_checkpoint(model, out: Path) -> dict[str, Path]:
+    """The adapter alone as an Orbax checkpoint, and as PEFT files when PEFT has the variant."""
+    saved = {"checkpoint": save(out / "adapter", model, overwrite=True)}
+    variants = {adapter.config.name for _, adapter in lj.iter_adapters(model)}
+    if variants <= set(CODECS):
+        saved["peft"] = export_peft(out / "peft", model, hf_name=to_hf_name)
+    return saved
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -129,7 +131,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"eval loss {history['initial_eval_loss']:.4f} -> {history['final_eval_loss']:.4f} "
         f"in {args.steps} steps ({history['seconds']:.1f} s)"
     )
-    save_checkpoint(model, adapter_config, args.steps)
+    saved = save_checkpoint(model, Path(args.out).resolve())
+    restored = restore(saved["checkpoint"], base)
+    history["restore_identical"] = bool(jnp.array_equal(restored(eval_ids, eval_mask), model(eval_ids, eval_mask)))
+    print(
+        f"saved {', '.join(f'{k}: {v}' for k, v in saved.items())}; restore identical: {history['restore_identical']}"
+    )
+    history["saved"] = saved
 
     merged = lj.merge_adapters(model)
     adapted_logits, merged_logits = model(eval_ids, eval_mask), merged(eval_ids, eval_mask)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The demo: install what is needed, then run the main example end to end on the CPU.
+# The demo: install what is needed, then train an AntiPaSTO steering adapter on the built-in
+# tiny Qwen3, sweep alpha, print the metrics table and the plot path, save and restore.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/setup.sh
-python examples/train_lora.py "$@"
+python examples/steer.py "$@"

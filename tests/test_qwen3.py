@@ -283,10 +283,14 @@ def _finetune_example():
     return example
 
 
-def test_finetune_example_reduces_loss():
-    history = _finetune_example().main(["--steps", "25", "--eval-every", "25", "--sample-tokens", "8", "--quiet"])
+def test_finetune_example_reduces_loss(tmp_path):
+    history = _finetune_example().main(
+        ["--steps", "25", "--eval-every", "25", "--sample-tokens", "8", "--quiet", "--out", str(tmp_path)]
+    )
     assert history["final_eval_loss"] < history["initial_eval_loss"] - 1.0, history
     assert history["merge_max_abs_diff"] < 1e-3
+    assert history["restore_identical"]
+    assert (history["saved"]["peft"] / "adapter_model.safetensors").stat().st_size > 0
 
 
 def test_finetune_example_on_hf_checkpoint(tmp_path):
@@ -303,5 +307,6 @@ def test_finetune_example_on_hf_checkpoint(tmp_path):
     fast.save_pretrained(dst)
     history = _finetune_example().main(
         ["--model", str(dst), "--steps", "10", "--eval-every", "10", "--sample-tokens", "0", "--quiet"]
+        + ["--out", str(tmp_path / "out")]
     )
     assert history["final_eval_loss"] < history["initial_eval_loss"], history

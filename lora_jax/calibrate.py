@@ -97,6 +97,15 @@ def _target_at(path: str, module: nnx.Module) -> Target:
     return Target(path, module, info, spec_of(module, info))
 
 
+@nnx.jit(static_argnums=3)
+def _step(session: _Session, batch: Any, batch_mask: Array, forward: Callable[[nnx.Module, Any], Any]) -> None:
+    """One batch through the recorders. Module level, so a second calibration of a model
+    with the same structure and the same ``forward`` reuses the compiled step."""
+    session.mask.set_value(batch_mask)
+    forward(session.model, batch)  # the output is dropped: only the statistics are kept
+    session.mask.set_value(jnp.ones((), jnp.float32))  # same state shapes every call: one compile
+
+
 def collect_statistics(
     model: nnx.Module,
     batches: Iterable[Any],
@@ -135,19 +144,12 @@ def collect_statistics(
         recorders[path] = _Recorder(target, module, init(target), shared_mask, update)
         _replace(copy, parts, recorders[path])
     session = _Session(copy, shared_mask)
-
-    @nnx.jit
-    def step(session: _Session, batch: Any, batch_mask: Array) -> None:
-        session.mask.set_value(batch_mask)
-        forward(session.model, batch)  # the output is dropped: only the statistics are kept
-        session.mask.set_value(jnp.ones((), jnp.float32))  # same state shapes every call: one compile
-
     n_batches = 0
     total = len(batches) if hasattr(batches, "__len__") else None
     with tqdm(batches, desc=desc, total=total, leave=False) as bar:
         for batch in bar:
             batch_mask = jnp.ones((), jnp.float32) if mask is None else jnp.asarray(mask(batch), jnp.float32)
-            step(session, batch, batch_mask)
+            _step(session, batch, batch_mask, forward)
             n_batches += 1
             if until is not None and until({p: r.stat.get_value() for p, r in recorders.items()}):
                 bar.set_postfix_str("converged")
@@ -173,7 +175,7 @@ def moments_update(stat: dict[str, Array], rows: Array, mask: Array) -> dict[str
     it is for some channels of LLM residual streams. ``mask`` entries are 0 or 1.
     """
     n_a, n_b = stat["count"], mask.sum()
-    keep = mask[:, None] > 0
+    keep = (mask > 0).reshape((1,) * (rows.ndim - 2) + (-1, 1))  # explicit rank over kernel-batch axes
     mean_b = jnp.where(keep, rows, 0.0).sum(-2) / jnp.maximum(n_b, 1.0)  # padding may hold NaN
     centered = jnp.where(keep, rows - mean_b[..., None, :], 0.0)
     n = n_a + n_b

@@ -47,7 +47,7 @@ from lora_jax.variants.eva import EVAConfig
 
 __all__ = ["EvaPlan", "apply_eva_plan", "eva_init", "eva_plan"]
 
-_POWER_STEPS = 3  # subspace iterations per batch; the estimate is warm-started, so few are needed
+_POWER_STEPS = 2  # subspace iterations per batch (warm-started); each costs a matmul and a QR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +126,7 @@ def eva_plan(
     mask: Callable[[Any], Array] | None = None,
     desc: str = "EVA",
 ) -> EvaPlan:
-    """Calibrate the layers of ``cfg``'s EVA rules on ``batches`` (see :func:`eva_init`)."""
+    """Calibrate the layers of ``cfg``'s EVA rules on ``batches``: their A and ranks."""
     chosen = [(t, rule) for t, rule in find_targets(model, cfg) if isinstance(rule.variant, EVAConfig)]
     if not chosen:
         raise ValueError("eva_init: no rule of the config uses EVAConfig; use apply_adapters for other variants")
@@ -205,25 +205,19 @@ def apply_eva_plan(model: nnx.Module, plan: EvaPlan) -> nnx.Module:
     new = apply_adapters(model, plan.config)
     for path, adapter in iter_adapters(new):
         if path in plan.components:
-            adapter.lora_a[...] = plan.components[path].astype(adapter.dtype)
+            old = adapter.lora_a[...]  # keep the placement a sharded model gave it
+            adapter.lora_a[...] = jax.device_put(plan.components[path].astype(old.dtype), old.sharding)
     return new
 
 
-def eva_init(
-    model: nnx.Module,
-    cfg: AdapterConfig,
-    batches: Iterable[Any],
-    *,
-    forward: Callable[[nnx.Module, Any], Any] = lambda m, b: m(b),
-    mask: Callable[[Any], Array] | None = None,
-    desc: str = "EVA",
-) -> nnx.Module:
+def eva_init(model: nnx.Module, cfg: AdapterConfig, batches: Iterable[Any], **calibration: Any) -> nnx.Module:
     """A copy of ``model`` with EVA adapters initialised from ``batches``.
 
-    ``forward(model, batch)`` runs the model; ``mask(batch)`` marks real tokens (1) and
-    padding (0) over the leading axes of the layers' inputs, e.g. the attention mask.
-    Rules of ``cfg`` with other variants are applied as usual. The caller's model is
-    not changed. For the allocated ranks and the config to rebuild the model with, use
-    :func:`eva_plan` then :func:`apply_eva_plan`.
+    Keywords as :func:`eva_plan`: ``forward(model, batch)`` runs the model (default
+    ``model(batch)``); ``mask(batch)`` marks real tokens (1) and padding (0) over the
+    leading axes of the layers' inputs, e.g. the attention mask; ``desc`` labels the
+    progress bar. Rules of ``cfg`` with other variants are applied as usual. The
+    caller's model is not changed. For the allocated ranks and the config that rebuilds
+    the model (for checkpoints), call :func:`eva_plan` then :func:`apply_eva_plan`.
     """
-    return apply_eva_plan(model, eva_plan(model, cfg, batches, forward=forward, mask=mask, desc=desc))
+    return apply_eva_plan(model, eva_plan(model, cfg, batches, **calibration))

@@ -13,6 +13,7 @@ row to CASES; every check below then runs on it.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -42,6 +43,13 @@ class Case:
     zero_grad_at_init: tuple[str, ...] = ()
 
 
+def _eva_init(model, cfg, x):
+    """EVA calibrated on the test input itself (one batch: tau cannot be met, so quiet)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "eva_init: the components did not converge")
+        return lj.eva_init(model, cfg, [x])
+
+
 CASES: dict[str, Case] = {
     "lora": Case(lj.LoRAConfig(r=4, lora_alpha=8), zero_grad_at_init=("lora_a",)),
     "rslora": Case(lj.LoRAConfig(r=4, lora_alpha=8, rslora=True), zero_grad_at_init=("lora_a",)),
@@ -59,6 +67,8 @@ CASES: dict[str, Case] = {
     # DeLoRA normalises each rank term, so even a small perturbation gives the teacher a
     # full-size delta (lambda / r per term) that the student reaches slowly from B = 0.
     "delora": Case(lj.DeLoRAConfig(r=4), zero_grad_at_init=("lora_a", "delora_lambda"), steps=600),
+    # rho=1 keeps r=2 on every layer: the MoE layout has only 5 rows per expert.
+    "eva": Case(lj.EVAConfig(r=2, lora_alpha=4, rho=1.0), adapt=_eva_init, zero_grad_at_init=("lora_a",)),
 }
 
 

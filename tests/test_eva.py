@@ -154,6 +154,9 @@ def test_rank_redistribution_rank_zero_and_alpha():
     assert isinstance(adapted.c, lj.LoRA) and not isinstance(adapted.c, lj.EVA)
     np.testing.assert_array_equal(adapted.a.lora_a[...], plan.components["a"])
     assert lj.AdapterConfig.from_json(plan.config.to_json()) == plan.config
+    rebuilt = lj.apply_adapters(model, plan.config)  # what a checkpoint restore starts from
+    shapes = [jax.tree.map(jnp.shape, nnx.state(m, lj.AdapterParam)) for m in (rebuilt, adapted)]
+    assert shapes[0] == shapes[1]
     np.testing.assert_array_equal(adapted(batches[0]), model(batches[0]))  # identity at init
     jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, nnx.state(model)))
     assert isinstance(model.a, nnx.Linear) and isinstance(model.b, nnx.Linear)

@@ -86,6 +86,14 @@ def eval_loss(model, ids, mask):
     return lm_loss(model, ids, mask)
 
 
+def _forward_batch(model, batch):
+    return model(*batch)
+
+
+def _batch_mask(batch):
+    return batch[1]
+
+
 def save_checkpoint(model, out: Path) -> dict[str, Path]:
     """The adapter alone as an Orbax checkpoint, and as PEFT files when PEFT has the variant."""
     saved = {"checkpoint": save(out / "adapter", model, overwrite=True)}
@@ -108,7 +116,12 @@ def main(argv: list[str] | None = None) -> dict:
     except TypeError as err:
         raise SystemExit(f"variant {args.variant!r} has required options, so it has no default config: {err}") from err
     adapter_config = lj.AdapterConfig(rules=(lj.Rule(pattern=args.pattern, variant=variant),), seed=args.seed)
-    model = lj.apply_adapters(base, adapter_config)
+    if args.variant == "eva":  # data-driven init: principal directions of each layer's inputs
+        batches = [(train_ids[i : i + 32], train_mask[i : i + 32]) for i in range(0, len(train_ids) - 31, 32)]
+        model = lj.eva_init(base, adapter_config, batches, forward=_forward_batch, mask=_batch_mask)
+        print(f"EVA ranks (budget {variant.r} per layer): {[a.config.r for _, a in lj.iter_adapters(model)]}")
+    else:
+        model = lj.apply_adapters(base, adapter_config)
     n_adapters = len(list(lj.iter_adapters(model)))
     n_train = sum(x.size for x in jax.tree.leaves(nnx.state(model, lj.AdapterParam)))
     print(f"{args.variant}: {n_adapters} adapters, {n_train:,} trainable numbers, {len(lines) - n_eval} train lines")
@@ -116,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = nnx.Optimizer(model, optax.adamw(args.lr), wrt=lj.AdapterParam)
     rng = np.random.default_rng(args.seed)
     history = {"initial_eval_loss": float(eval_loss(model, eval_ids, eval_mask)), "eval": [], "train": []}
+    history["ranks"] = {path: getattr(a.config, "r", None) for path, a in lj.iter_adapters(model)}
     start = time.perf_counter()
     bar = tqdm(range(1, args.steps + 1), desc="finetune", disable=args.quiet)
     for step in bar:

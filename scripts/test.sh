@@ -4,4 +4,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/setup.sh
 ruff check lora_jax tests examples
+# One BLAS/LAPACK thread per worker: two workers share two cores, and oversubscribed
+# LAPACK calls (QR, eigh) inside jit were seen to stall for seconds.
+export OMP_NUM_THREADS=1
 python -m pytest -q -n 2 tests "$@"

@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/setup.sh
-ruff check lora_jax tests examples
+ruff check lora_jax tests examples benchmarks
 # One BLAS/LAPACK thread per worker: two workers share two cores, and oversubscribed
 # LAPACK calls (QR, eigh) inside jit were seen to stall for seconds.
 export OMP_NUM_THREADS=1

@@ -49,17 +49,21 @@ def _variant_to_dict(variant: VariantConfig) -> dict[str, Any]:
     return {"variant": variant.name, **fields}
 
 
+def _fields(cls: type, data: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """``data`` as constructor keywords of the dataclass ``cls`` (JSON lists as tuples)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; known: {', '.join(sorted(known))}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+
+
 def _variant_from_dict(data: Mapping[str, Any]) -> VariantConfig:
     data = dict(data)
     name = data.pop("variant", None)
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; known variants: {', '.join(sorted(VARIANTS))}")
-    cls = VARIANTS[name]
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for variant {name!r}; options: {', '.join(sorted(known))}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    return VARIANTS[name](**_fields(VARIANTS[name], data, f"option(s) for variant {name!r}:"))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -100,13 +104,8 @@ class Rule:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Rule:
-        data = dict(data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown Rule field(s) {unknown}; fields: {', '.join(sorted(known))}")
-        variant = _variant_from_dict(data.pop("variant"))
-        return cls(variant=variant, **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        fields = _fields(cls, data, "Rule field(s)")
+        return cls(**{**fields, "variant": _variant_from_dict(data["variant"])})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -133,13 +132,8 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AdapterConfig:
-        data = dict(data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown AdapterConfig field(s) {unknown}; fields: {', '.join(sorted(known))}")
-        rules = tuple(Rule.from_dict(r) for r in data.pop("rules"))
-        return cls(rules=rules, **data)
+        fields = _fields(cls, data, "AdapterConfig field(s)")
+        return cls(**{**fields, "rules": tuple(Rule.from_dict(r) for r in data["rules"])})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

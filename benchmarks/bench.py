@@ -258,6 +258,20 @@ def main() -> None:
         rows.append((f"{kind} init (r={r}) full SVD / randomized niter=4", f"{speedup:.1f}x", ">= 5x"))
     rows.append(("randomized top-64 error - full SVD's (down_proj)", f"{rand_err - full_err:.2e}", "<= 1e-3"))
 
+    # 6. EVA calibration throughput over all seven projections of the stack
+    print("eva ...")
+    eva_cfg = cfg_for(lj.EVAConfig(r=RANK, lora_alpha=float(RANK)))
+    batches = [jax.random.normal(jax.random.key(100 + i), x.shape) for i in range(8)]
+    lj.eva_plan(base, eva_cfg, batches[:2], desc="eva warm-up")  # compile outside the timing
+    start = time.perf_counter()
+    plan = lj.eva_plan(base, eva_cfg, batches, desc="eva")
+    eva_s = time.perf_counter() - start
+    tokens_per_s = plan.n_batches * x.shape[0] * x.shape[1] / eva_s
+    stat_mib = sum(d_in * d_in + d_in for d_in, _ in qs.projection_shapes()) * args.layers * 4 / 2**20
+    results["eva"] = {"tokens_per_s": tokens_per_s, "batches": plan.n_batches, "scatter_mib": stat_mib}
+    rows.append((f"EVA calibration throughput ({plan.n_batches} batches)", f"{tokens_per_s:,.0f} tokens/s", ""))
+    rows.append(("EVA statistics memory (scatter + mean, all layers)", f"{stat_mib:.0f} MiB", "bounded by d_in^2"))
+
     # 4. alpha sweep over 16 alphas in one call vs 16 single forwards
     print("sweep ...")
     model = adapted_models["lora"]

@@ -169,6 +169,27 @@ def check_checkpoint_saved_on_4x2_restores_on_2x1():
     np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
 
 
+def check_eva_calibration_on_8_data_shards_equals_single_device():
+    """The statistics are sums over rows: sharding the rows over 8 devices must not change
+    what EVA finds (XLA inserts the cross-device reduction)."""
+    cfg = lj.AdapterConfig(rules=(lj.Rule(pattern="proj", variant=lj.EVAConfig(r=2, lora_alpha=2)),))
+    batches = [jax.random.normal(jax.random.key(20 + i), (16, 6, D)) for i in range(4)]
+    with nnx.use_eager_sharding(False):
+        single = lj.eva_plan(Model(), cfg, batches, desc="eva 1 device")
+    data_mesh = jax.make_mesh((8, 1), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto))
+    with jax.set_mesh(data_mesh):
+        sharded_batches = [jax.device_put(b, NamedSharding(data_mesh, P("data"))) for b in batches]
+        sharded = lj.eva_plan(Model(), cfg, sharded_batches, desc="eva 8 shards")
+    assert single.components.keys() == sharded.components.keys()
+    for path, a in single.components.items():
+        b = sharded.components[path]
+        assert a.shape == b.shape, (path, a.shape, b.shape)
+        cos = np.abs(np.sum(np.asarray(a) * np.asarray(b), axis=-2)) / (
+            np.linalg.norm(np.asarray(a), axis=-2) * np.linalg.norm(np.asarray(b), axis=-2)
+        )
+        assert cos.min() >= 0.999, (path, cos)
+
+
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.devices()
     for name, fn in sorted(globals().items()):

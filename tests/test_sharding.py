@@ -18,4 +18,4 @@ def test_sharded_apply_train_sweep_merge():
         timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert proc.stdout.count("ok check_") == 4, proc.stdout
+    assert proc.stdout.count("ok check_") == 5, proc.stdout

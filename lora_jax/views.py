@@ -55,7 +55,6 @@ class Layout:
     free: str  # lhs axes that are not kernel axes, in lhs order
     hidden: str  # layout of the rank-space activations: batch + free + rank letter
     rank: str  # the rank-axis letter
-    rank2: str  # a second spare letter for rank-space matmuls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,8 +163,7 @@ class EinsumSpec:
         elif len(lhs) != ndim:
             raise ValueError(f"einsum {self.equation!r} expects an input of {len(lhs)} axes, got {ndim}")
         free = "".join(c for c in lhs if c not in self.kernel)
-        rank, rank2 = spare[0], spare[1]
-        return Layout(lhs, out, free, self.batch + free + rank, rank, rank2)
+        return Layout(lhs, out, free, self.batch + free + spare[0], spare[0])
 
     # -- kernel and bias as matrices ----------------------------------------------------
     def kernel_to_matrix(self, kernel: Array) -> Float[Array, "*batch d_in d_out"]:
@@ -220,12 +218,6 @@ class EinsumSpec:
         lay = self.layout(ndim)
         factor, letters = self._factor(matrix, lay.rank, "in")
         return jnp.einsum(f"{lay.hidden},{letters}->{lay.lhs}", h, factor)
-
-    def rank_matmul(self, h: Array, matrix: Float[Array, "*batch k k2"], ndim: int) -> Array:
-        """``h @ matrix`` in rank space, one matrix per kernel-batch index."""
-        lay = self.layout(ndim)
-        out = lay.hidden.replace(lay.rank, lay.rank2)
-        return jnp.einsum(f"{lay.hidden},{self.batch}{lay.rank}{lay.rank2}->{out}", h, matrix)
 
     def _broadcast(self, v: Array, letters: str, sizes: tuple[int, ...], target: str) -> Array:
         """Reshape ``v`` (axes ``letters``) so it broadcasts against layout ``target``."""

@@ -30,7 +30,8 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, ArrayLike, Float
 
-from lora_jax.surgery import NoMatchError, iter_adapters, set_alpha
+from lora_jax.surgery import NoMatchError, iter_adapters
+from lora_jax.transforms import set_alpha
 
 __all__ = ["sweep", "sweep_metrics", "SweepMetrics", "format_table", "plot_sweep"]
 
@@ -53,9 +54,7 @@ def _call(fn: Callable, model: nnx.Module, inputs: Any, has_inputs: bool) -> Any
 @functools.partial(jax.jit, static_argnames=("graphdef", "fn", "pattern", "has_inputs"))
 def _sweep_vmap(graphdef, state, alphas, inputs, *, fn, pattern, has_inputs):
     def one(alpha, state, inputs):
-        model = nnx.merge(graphdef, state)  # Variables of this trace level, so alpha can be set
-        set_alpha(model, alpha, pattern=pattern)
-        return _call(fn, model, inputs, has_inputs)
+        return _call(fn, nnx.merge(graphdef, set_alpha(state, alpha, pattern=pattern)), inputs, has_inputs)
 
     return jax.vmap(one, in_axes=(0, None, None))(alphas, state, inputs)
 
@@ -65,9 +64,7 @@ def _sweep_rows(graphdef, state, alphas, inputs, *, fn, pattern):
     n, batch = alphas.shape[0], jax.tree.leaves(inputs)[0].shape[0]
     # alpha-major: row i * batch + b is input row b at alphas[i]
     tiled = jax.tree.map(lambda x: jnp.tile(x, (n,) + (1,) * (x.ndim - 1)), inputs)
-    model = nnx.merge(graphdef, state)
-    set_alpha(model, jnp.repeat(alphas, batch), pattern=pattern)
-    out = fn(model, tiled)
+    out = fn(nnx.merge(graphdef, set_alpha(state, jnp.repeat(alphas, batch), pattern=pattern)), tiled)
     bad = [y.shape for y in jax.tree.leaves(out) if y.ndim == 0 or y.shape[0] != n * batch]
     if bad:
         raise ValueError(

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
+from lora_jax import projections
 from lora_jax.views import EinsumSpec, ViewInfo
 
 __all__ = ["ADAPTER_VARIABLES", "Adapter", "AdapterParam", "AdapterState", "Alpha", "VariantConfig", "Target"]
@@ -82,17 +83,24 @@ class VariantConfig(abc.ABC):
     """Hyperparameters of one variant: frozen, keyword-only, JSON-serializable.
 
     ``name`` is the variant's name in configs and checkpoints. ``dtype`` is the dtype of
-    the adapter's weights and math; the base layer keeps its own.
+    the adapter's weights and math; the base layer keeps its own. ``custom_vjp``: the
+    adapter's factor products use lora_jax's hand-written backward pass (faster; reverse
+    mode only), or with ``False`` JAX's own, which also supports ``jax.jvp`` /
+    ``jax.hessian`` (:mod:`lora_jax.projections`; IA3, IA3-FF and ROAD have no factor
+    products, so it changes nothing there).
     """
 
     name: ClassVar[str]
     dtype: str = "float32"
+    custom_vjp: bool = True
 
     def __post_init__(self) -> None:
         try:
             jnp.dtype(self.dtype)
         except TypeError as err:
             raise ValueError(f"{self.name}: dtype={self.dtype!r} is not a dtype name like 'float32'") from err
+        if not isinstance(self.custom_vjp, bool):
+            raise ValueError(f"{self.name}: custom_vjp={self.custom_vjp!r} must be True or False")
 
     @abc.abstractmethod
     def build(self, target: Target, *, seed: int) -> Adapter:
@@ -177,6 +185,18 @@ class Adapter(nnx.Module):
         """The dense kernel (and bias) equal to this adapter at its current scalar alpha."""
 
     # -- helpers shared by variants ----------------------------------------------------
+    def project_in(self, x: Array, matrix: Float[Array, "*batch d_in k"]) -> Array:
+        """``x @ matrix`` in the rank-space layout (:func:`lora_jax.projections.project_in`)."""
+        return projections.project_in(self.spec, x, matrix, custom_vjp=self.config.custom_vjp)
+
+    def project_out(self, h: Array, matrix: Float[Array, "*batch k d_out"], ndim: int) -> Array:
+        """``h @ matrix`` in the layer's output layout; ``ndim`` is the layer input's."""
+        return projections.project_out(self.spec, h, matrix, ndim, custom_vjp=self.config.custom_vjp)
+
+    def project_back(self, h: Array, matrix: Float[Array, "*batch d_in k"], ndim: int) -> Array:
+        """``h @ matrix^T`` back in the layer's input layout."""
+        return projections.project_back(self.spec, h, matrix, ndim, custom_vjp=self.config.custom_vjp)
+
     def alpha_for(self, target: str, ndim: int) -> Array:
         """Alpha in the adapter dtype, broadcast to a layout ("out" or "hidden")."""
         a = self.alpha[...].astype(self.dtype)

@@ -11,7 +11,8 @@ unchanged; an axis that is summed away entirely is not a per-row linear map and 
 rejected. The matrix view of the kernel is
 ``kernel.transpose(batch + contracted + output).reshape(*batch, d_in, d_out)``; adapter
 factors are stored in that matrix form and reshaped (free in XLA) to the kernel's axes
-inside one einsum, so the activations are never transposed for the adapter.
+inside one einsum (:mod:`lora_jax.projections`), so the activations are never
+transposed for the adapter.
 
 Built in: ``nnx.Linear`` (``...i,io->...o``), ``nnx.LinearGeneral`` (any ``axis`` and
 ``batch_axis``) and ``nnx.Einsum`` (any two-operand string given to its constructor).
@@ -192,32 +193,16 @@ class EinsumSpec:
         split = matrix.reshape(self._sizes(order))
         return jnp.transpose(split, [order.index(c) for c in letters]).reshape(bias_shape)
 
-    # -- activations through matrices in the kernel's own layout ------------------------
-    def _factor(self, matrix: Array, in_letters: str, side: str) -> tuple[Array, str]:
-        """Reshape a ``(*batch, d, k)`` or ``(*batch, k, d)`` factor to kernel axes."""
+    # -- factor matrices in the kernel's own layout (lora_jax.projections uses these) ------
+    def factor_view(self, matrix: Array, rank: str, side: str) -> tuple[Array, str]:
+        """A ``(*batch, d_in, k)`` (``side="in"``) or ``(*batch, k, d_out)`` (``"out"``)
+        factor reshaped to kernel axes, free in XLA, and its einsum letters (``rank``
+        names the k axis)."""
         if side == "in":
             shape = (*self.batch_shape, *self._sizes(self.contracted), matrix.shape[-1])
-            return matrix.reshape(shape), self.batch + self.contracted + in_letters
+            return matrix.reshape(shape), self.batch + self.contracted + rank
         shape = (*self.batch_shape, matrix.shape[-2], *self._sizes(self.output))
-        return matrix.reshape(shape), self.batch + in_letters + self.output
-
-    def project_in(self, x: Array, matrix: Float[Array, "*batch d_in k"]) -> Array:
-        """``x @ matrix`` per kernel-batch index; returns the rank-space ``hidden`` layout."""
-        lay = self.layout(x.ndim)
-        factor, letters = self._factor(matrix, lay.rank, "in")
-        return jnp.einsum(f"{lay.lhs},{letters}->{lay.hidden}", x, factor)
-
-    def project_out(self, h: Array, matrix: Float[Array, "*batch k d_out"], ndim: int) -> Array:
-        """``h @ matrix`` into the layer's output layout (``ndim`` is the input's)."""
-        lay = self.layout(ndim)
-        factor, letters = self._factor(matrix, lay.rank, "out")
-        return jnp.einsum(f"{lay.hidden},{letters}->{lay.out}", h, factor)
-
-    def project_back(self, h: Array, matrix: Float[Array, "*batch d_in k"], ndim: int) -> Array:
-        """``h @ matrix.T`` back into the layer's input layout."""
-        lay = self.layout(ndim)
-        factor, letters = self._factor(matrix, lay.rank, "in")
-        return jnp.einsum(f"{lay.hidden},{letters}->{lay.lhs}", h, factor)
+        return matrix.reshape(shape), self.batch + rank + self.output
 
     def _broadcast(self, v: Array, letters: str, sizes: tuple[int, ...], target: str) -> Array:
         """Reshape ``v`` (axes ``letters``) so it broadcasts against layout ``target``."""

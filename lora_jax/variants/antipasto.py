@@ -20,9 +20,11 @@ one at +a; a shift d != 0 is additive (S + ad and S - ad average to S) and survi
 undo as U diag(ad) Vh. A per-row alpha (shape (batch,)) builds one rotation per row.
 
 Delta form, not W_res: no second (d_in, d_out) kernel; the base keeps its dtype, bias and
-sharding. Same matmul FLOPs as ``x W_res + (x U R) S' Vh``; its rank-space elementwise
-ops cost 1.02-1.12x the W_res form's time (benchmarks/antipasto_forms.py, CPU, 2048 rows
-at d=1024 r=64 and 512 rows at d=512 r=32, bs=4) and save W_res's 4 MiB per d=1024 layer.
+sharding. At a scalar alpha the rank-space steps fold into one (r, r) matrix ``core``
+(the same one :meth:`merged` uses), so the forward is ``base(x) + (x U core) Vh``: the
+W_res form's matmul FLOPs plus an r x r product, measured 1.01x the W_res form's time
+(``benchmarks/antipasto_forms.py``, CPU, 2048 rows at d=1024 r=64, bs=4) while saving
+W_res's 4 MiB per d=1024 layer. A per-row alpha applies the blocks row by row.
 
 Checked against a float64 numpy dense W_res + U R_in diag(S + ad) R_out^T Vh
 (tests/test_antipasto.py). Data-driven dims instead of the top r: lora_jax/select.py.
@@ -37,7 +39,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array
+from jaxtyping import Array, Float
 
 from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Target, VariantConfig
 from lora_jax.cayley import block_diag, bound_skew, cayley_delta, n_params, skew_from_params
@@ -122,21 +124,35 @@ class AntiPaSTO(Adapter):
 
     def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:
         y = call_base(x)
-        spec, ndim = self.spec, x.ndim
-        a = self.alpha[...].astype(self.dtype)
+        h = self.project_in(x.astype(self.dtype), self.u[...])
+        # A scalar alpha folds every rank-space step into one (r, r) matrix (a few small
+        # ops instead of elementwise passes and block einsums over every row).
+        z = self._rank_map(h, x.ndim) if self.alpha[...].ndim == 0 else self._per_row(h, x.ndim)
+        return y + self.project_out(z, self.vh[...], x.ndim).astype(y.dtype)
+
+    def _rank_map(self, h: Array, ndim: int) -> Array:
+        """``h @ core(alpha)`` in the rank-space layout."""
+        lay, batch = self.spec.layout(ndim), self.spec.batch
+        k = next(c for c in string.ascii_letters if c not in lay.hidden)
+        core = self._core(self.scalar_alpha())
+        return jnp.einsum(f"{lay.hidden},{batch}{lay.rank}{k}->{lay.hidden[:-1]}{k}", h, core)
+
+    def _per_row(self, h: Array, ndim: int) -> Array:
+        """The rank-space steps with one alpha per input row (one rotation per row)."""
+        spec, a = self.spec, self.alpha[...].astype(self.dtype)
         shift = self.alpha_for("hidden", ndim) * spec.rank_broadcast(self.delta_s[...], ndim)
         s_new = spec.rank_broadcast(self.s[...], ndim) + shift
-        h = spec.project_in(x.astype(self.dtype), self.u[...])
         z, g = h * shift, h
         if self.rot_in is not None:
             dg = self._rotate(h, self._delta(self.rot_in, a), ndim)
             z, g = z + dg * s_new, h + dg
         if self.rot_out is not None:  # R_out^T - I = R_out(-a) - I
             z = z + self._rotate(g * s_new, self._delta(self.rot_out, -a), ndim)
-        return y + spec.project_out(z, self.vh[...], ndim).astype(y.dtype)
+        return z
 
-    def merged(self, kernel, bias):
-        a = self.scalar_alpha()
+    def _core(self, a: Array) -> Float[Array, "*batch r r"]:
+        """``(R_in - I) S' + diag(a d) + R_in S' (R_out^T - I)`` at a scalar alpha, so that
+        the kernel is ``W + U core Vh``; exact zeros at ``a = 0``."""
         shift = a * self.delta_s[...]
         s_new = self.s[...] + shift
         eye = jnp.eye(s_new.shape[-1], dtype=self.dtype)
@@ -147,4 +163,7 @@ class AntiPaSTO(Adapter):
             core, g = core + d_in * s_new[..., None, :], g + d_in * s_new[..., None, :]
         if self.rot_out is not None:
             core = core + g @ jnp.swapaxes(block_diag(self._delta(self.rot_out, a)), -1, -2)
-        return kernel + self.u[...] @ core @ self.vh[...], bias
+        return core
+
+    def merged(self, kernel, bias):
+        return kernel + self.u[...] @ self._core(self.scalar_alpha()) @ self.vh[...], bias

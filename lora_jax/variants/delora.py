@@ -82,9 +82,9 @@ class DeLoRA(Adapter):
         h = x.astype(self.dtype)
         if self.dropout is not None:
             h = self.dropout(h)
-        h = self.spec.project_in(h * self.spec.in_broadcast(self.w_norm[...], x.ndim), self.lora_a[...])
+        h = self.project_in(h * self.spec.in_broadcast(self.w_norm[...], x.ndim), self.lora_a[...])
         h = h * (self.spec.rank_broadcast(self._rank_scale(), x.ndim) * self.alpha_for("hidden", x.ndim))
-        return y + self.spec.project_out(h, self.lora_b[...], x.ndim).astype(y.dtype)
+        return y + self.project_out(h, self.lora_b[...], x.ndim).astype(y.dtype)
 
     def merged(self, kernel, bias):
         a = self.w_norm[...][..., :, None] * self.lora_a[...] * self._rank_scale()[..., None, :]

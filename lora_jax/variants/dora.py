@@ -83,8 +83,8 @@ class DoRA(Adapter):
             bias = self.spec.bias_to_matrix(getattr(self.base, self.info.bias)[...])
             xw = xw - self.spec.out_broadcast(bias.astype(self.dtype), x.ndim)
         gain = self.spec.out_broadcast(self._gain(self._kernel()), x.ndim)
-        h = self.spec.project_in(x.astype(self.dtype), self.lora_a[...]) * self.config.scale
-        delta = (gain - 1) * xw + gain * self.spec.project_out(h, self.lora_b[...], x.ndim)
+        h = self.project_in(x.astype(self.dtype), self.lora_a[...]) * self.config.scale
+        delta = (gain - 1) * xw + gain * self.project_out(h, self.lora_b[...], x.ndim)
         return y + (self.alpha_for("out", x.ndim) * delta).astype(y.dtype)
 
     def merged(self, kernel, bias):

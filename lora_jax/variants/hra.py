@@ -75,8 +75,8 @@ class HRA(Adapter):
     def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:
         basis, n_delta, n_sigma = hra_basis(self.hra_u[...])
         h = x.astype(self.dtype)
-        g = self._coords(self.spec.project_in(h, basis), basis, n_delta, n_sigma, self.alpha_for("hidden", x.ndim))
-        return call_base((h + self.spec.project_back(g, basis, x.ndim)).astype(x.dtype))
+        g = self._coords(self.project_in(h, basis), basis, n_delta, n_sigma, self.alpha_for("hidden", x.ndim))
+        return call_base((h + self.project_back(g, basis, x.ndim)).astype(x.dtype))
 
     def merged(self, kernel, bias):
         rotation = hra_rotation(self.hra_u[...], self.scalar_alpha())

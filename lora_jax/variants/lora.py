@@ -50,8 +50,8 @@ class LoRA(Adapter):
         if self.dropout is not None:
             h = self.dropout(h)
         # Scaling in rank space touches r numbers per row instead of d_out.
-        h = self.spec.project_in(h, self.lora_a[...]) * (self.alpha_for("hidden", x.ndim) * self.config.scale)
-        delta = self.spec.project_out(h, self.lora_b[...], x.ndim)
+        h = self.project_in(h, self.lora_a[...]) * (self.alpha_for("hidden", x.ndim) * self.config.scale)
+        delta = self.project_out(h, self.lora_b[...], x.ndim)
         return y + delta.astype(y.dtype)
 
     def merged(self, kernel, bias):

@@ -84,8 +84,8 @@ class PiSSA(Adapter):
         if self.dropout is not None:
             h = self.dropout(h)
         a, b = self.lora_factors()
-        h = self.spec.project_in(h, a) * (self.alpha_for("hidden", x.ndim) * self.config.scale)
-        return y + self.spec.project_out(h, b, x.ndim).astype(y.dtype)
+        h = self.project_in(h, a) * (self.alpha_for("hidden", x.ndim) * self.config.scale)
+        return y + self.project_out(h, b, x.ndim).astype(y.dtype)
 
     def merged(self, kernel, bias):
         a, b = self.lora_factors()

@@ -54,13 +54,21 @@ class Block(nnx.Module):
 
 
 class Stack(nnx.Module):
-    def __init__(self, n_layers: int, seed: int = 0, dtype=jnp.float32):
+    """``remat=True`` recomputes each block in the backward pass (``jax.checkpoint``), so a
+    training step keeps one block's activations instead of every block's."""
+
+    def __init__(self, n_layers: int, seed: int = 0, dtype=jnp.float32, remat: bool = False):
         rngs = nnx.Rngs(seed)
         self.layers = nnx.List([Block(rngs, dtype) for _ in range(n_layers)])
+        self.remat = remat
 
     def __call__(self, x):
         for layer in self.layers:
-            x = layer(x)
+            if self.remat:  # pure jax.checkpoint: nnx.remat would write state back across trace levels
+                graphdef, state = nnx.split(layer)
+                x = jax.checkpoint(lambda s, x, g=graphdef: nnx.merge(g, s)(x))(state, x)
+            else:
+                x = layer(x)
         return x
 
 

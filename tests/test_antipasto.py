@@ -267,6 +267,7 @@ def test_two_param_groups_train_with_their_own_rates():
         ({"rotate": "sideways"}, "unknown rotate='sideways'"),
         ({"block_size": 1}, "block_size=1 must be an integer >= 2"),
         ({"rotate": "none", "delta_s": False}, "nothing to train"),
+        ({"svd_iters": 2, "svd_oversample": 1.5}, r"svd_oversample=1.5 must be an integer >= 0"),
     ],
 )
 def test_bad_config_errors(options, message):

@@ -83,3 +83,33 @@ def test_forward_mode_needs_custom_vjp_off():
 def test_custom_vjp_flag_is_checked():
     with pytest.raises(ValueError, match="custom_vjp=1 must be True or False"):
         lj.LoRAConfig(custom_vjp=1)
+
+
+def test_adapted_model_forward_mode_with_custom_vjp_off():
+    """jax.jvp / jax.hessian through a whole adapted model need custom_vjp=False."""
+    from flax import nnx
+
+    layer, x = LAYOUTS[0].build()
+
+    class Host(nnx.Module):
+        def __init__(self, layer):
+            self.layer = layer
+
+        def __call__(self, x):
+            return self.layer(x)
+
+    def loss_of(custom_vjp):
+        cfg = lj.AdapterConfig(rules=(lj.Rule(pattern="layer", variant=lj.LoRAConfig(r=2, custom_vjp=custom_vjp)),))
+        model = lj.apply_adapters(Host(layer), cfg)
+        graphdef, params, rest = nnx.split(model, lj.AdapterParam, ...)
+        return (lambda p: jnp.sum(jnp.tanh(nnx.merge(graphdef, p, rest)(x)))), params
+
+    loss, params = loss_of(False)
+    hessian = jax.hessian(loss)(params)
+    assert all(bool(jnp.isfinite(h).all()) for h in jax.tree.leaves(hessian))
+    grads = jax.grad(loss)(params)
+    custom_loss, custom_params = loss_of(True)
+    for got, want in zip(jax.tree.leaves(jax.grad(custom_loss)(custom_params)), jax.tree.leaves(grads), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(TypeError, match="custom_vjp"):
+        jax.hessian(custom_loss)(custom_params)

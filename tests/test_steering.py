@@ -41,21 +41,22 @@ def _separate(model, fn, alphas, *, pattern=None):
     return jnp.stack(rows)
 
 
-@pytest.mark.parametrize("mode", ["vmap", "rows"])
-def test_sweep_compiles_once_and_matches_separate_calls(mode):
+@pytest.mark.parametrize(("mode", "batch_size"), [("vmap", None), ("vmap", 1), ("vmap", 5), ("rows", None)], ids=str)
+def test_sweep_compiles_once_and_matches_separate_calls(mode, batch_size):
     model, traces = _model(), []
 
     def fn(m, x):
         traces.append(1)  # runs only while tracing
         return m(x)
 
-    out = sweep(model, fn, ALPHAS, inputs=_x(), mode=mode)
-    assert len(traces) == 1
+    out = sweep(model, fn, ALPHAS, inputs=_x(), mode=mode, batch_size=batch_size)
+    # lax.map with a remainder (16 = 3 x 5 + 1) traces the chunk and the remainder once each
+    assert len(traces) == (2 if batch_size == 5 else 1)
     assert out.shape == (16, 3, 4, 5)
     np.testing.assert_allclose(out, _separate(model, fn, ALPHAS), rtol=1e-5, atol=1e-5)
     assert not np.allclose(out[0], out[-1])  # the alphas really differ
     traces.clear()
-    sweep(model, fn, ALPHAS * 0.5, inputs=_x(), mode=mode)  # new values, same count: cached
+    sweep(model, fn, ALPHAS * 0.5, inputs=_x(), mode=mode, batch_size=batch_size)  # same count: cached
     assert traces == []
 
 
@@ -93,6 +94,10 @@ def test_sweep_errors():
         sweep(model, lambda m: m(_x()), ALPHAS, mode="rows")
     with pytest.raises(ValueError, match="one row per input row"):
         sweep(model, lambda m, x: m(x).mean(), ALPHAS, inputs=_x(), mode="rows")
+    with pytest.raises(ValueError, match="batch_size=0 must be a positive integer"):
+        sweep(model, fn, ALPHAS, inputs=_x(), batch_size=0)
+    with pytest.raises(ValueError, match="batch_size applies to mode='vmap' only"):
+        sweep(model, fn, ALPHAS, inputs=_x(), mode="rows", batch_size=2)
 
 
 def _two_way(p):

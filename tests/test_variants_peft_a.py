@@ -71,6 +71,18 @@ def test_randomized_svd_top_r_error_matches_full_svd():
     assert np.all(np.asarray(approx - full) < 1e-3), (approx, full)
     no_power = linalg.svd_error(m, *linalg.randomized_svd(m, 8, niter=0, key=jax.random.key(1)))
     assert np.all(np.asarray(no_power - full) > 1e-3)  # the power iterations are what close the gap
+    wide = linalg.svd_error(m, *linalg.randomized_svd(m, 8, niter=0, oversample=24, key=jax.random.key(1)))
+    assert np.all(np.asarray(wide) < np.asarray(no_power))  # and so does a wider sketch
+
+
+def test_randomized_svd_of_rank_deficient_kernels_is_finite_and_exact():
+    k1, k2 = jax.random.split(jax.random.key(0))
+    rank_two = jax.random.normal(k1, (64, 2)) @ jax.random.normal(k2, (2, 48))
+    for m in (jnp.zeros((64, 48)), rank_two):  # zero pivots in the LU renormalization
+        u, s, vh = linalg.randomized_svd(m, 4, niter=4, key=jax.random.key(1))
+        assert all(bool(jnp.isfinite(t).all()) for t in (u, s, vh))
+        np.testing.assert_allclose((u * s[None, :]) @ vh, m, atol=1e-4)
+        np.testing.assert_allclose(u.T @ u, np.eye(4), atol=1e-5)  # orthonormal even past the rank
 
 
 def test_lq_and_full_rank_svd_reconstruct():
@@ -192,6 +204,8 @@ def test_bad_options():
         PiSSAConfig(niter=-1)
     with pytest.raises(ValueError, match=r"delora: dropout=1.0 must be in \[0, 1\)"):
         DeLoRAConfig(dropout=1.0)
+    with pytest.raises(ValueError, match=r"pissa: oversample=-2 must be an integer >= 0"):
+        PiSSAConfig(niter=2, oversample=-2)
 
 
 # -- parity with PEFT (torch CPU, fp32, nn.Linear(16, 12) with bias) ---------------------

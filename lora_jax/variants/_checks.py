@@ -45,3 +45,10 @@ def dense_kernel(variant: str, target: Target, dtype: Any) -> Float[Array, "*bat
 def check_dropout(variant: str, p: float) -> None:
     if not 0.0 <= p < 1.0:
         raise ValueError(f"{variant}: dropout={p} must be in [0, 1)")
+
+
+def check_oversample(variant: str, field: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(
+            f"{variant}: {field}={value!r} must be an integer >= 0 (extra randomized-SVD sketch columns, e.g. 8)"
+        )

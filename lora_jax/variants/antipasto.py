@@ -44,7 +44,7 @@ from jaxtyping import Array, Float
 from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Target, VariantConfig
 from lora_jax.cayley import block_diag, bound_skew, cayley_delta, n_params, skew_from_params
 from lora_jax.linalg import randomized_svd, top_r_svd
-from lora_jax.variants._checks import check_rank
+from lora_jax.variants._checks import check_oversample, check_rank
 
 ROTATE = ("input", "output", "both", "none")
 
@@ -60,7 +60,8 @@ class RotationParam(AdapterParam):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AntiPaSTOConfig(VariantConfig):
     """``r`` SVD dims (divisible by ``block_size``), ``max_angle`` in (0, pi), ``rotate``
-    one of ROTATE, ``delta_s`` learn shifts, ``svd_iters`` None: full SVD, K: randomized."""
+    one of ROTATE, ``delta_s`` learn shifts, ``svd_iters`` None: full SVD, K: randomized
+    with K power iterations and ``r + svd_oversample`` sketch columns."""
 
     name = "antipasto"
     r: int = 64
@@ -70,6 +71,7 @@ class AntiPaSTOConfig(VariantConfig):
     delta_s: bool = True
     delta_s_init: float = 0.0
     svd_iters: int | None = None
+    svd_oversample: int = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,6 +88,7 @@ class AntiPaSTOConfig(VariantConfig):
             )
         if self.rotate == "none" and not self.delta_s:
             raise ValueError("antipasto: rotate='none' with delta_s=False leaves nothing to train")
+        check_oversample(self.name, "svd_oversample", self.svd_oversample)
 
     def build(self, target: Target, *, seed: int) -> AntiPaSTO:
         check_rank(self.name, self.r, target)
@@ -99,7 +102,11 @@ class AntiPaSTO(Adapter):
         key_svd, key_s = jax.random.split(target.key(seed))
         kernel = target.kernel_matrix(jnp.promote_types(self.dtype, jnp.float32))
         n_iter, put = config.svd_iters, self.variable  # put: laid out (sharded) like the base kernel
-        svd = top_r_svd(kernel, r) if n_iter is None else randomized_svd(kernel, r, niter=n_iter, key=key_svd)
+        svd = (
+            top_r_svd(kernel, r)
+            if n_iter is None
+            else randomized_svd(kernel, r, niter=n_iter, key=key_svd, oversample=config.svd_oversample)
+        )
         u, s, vh = (m.astype(self.dtype) for m in svd)
         self.u, self.s, self.vh = put(AdapterState, u, "i-"), put(AdapterState, s, "-"), put(AdapterState, vh, "-o")
         self.indices = put(AdapterState, jnp.broadcast_to(jnp.arange(r, dtype=jnp.int32), (*batch, r)), "-")

@@ -33,7 +33,7 @@ from jaxtyping import Array, Float
 
 from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Target
 from lora_jax.linalg import randomized_svd, top_r_svd
-from lora_jax.variants._checks import check_rank, dense_kernel
+from lora_jax.variants._checks import check_oversample, check_rank, dense_kernel
 from lora_jax.variants._lowrank import LowRankConfig
 from lora_jax.variants.lora import LoRA, LoRAConfig
 
@@ -41,15 +41,18 @@ from lora_jax.variants.lora import LoRA, LoRAConfig
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PiSSAConfig(LowRankConfig):
     """``r``, ``lora_alpha``, ``rslora``, ``dropout`` as in LoRA. ``niter=None`` takes a
-    full SVD; an integer takes a randomized SVD with that many power iterations."""
+    full SVD; an integer takes a randomized SVD with that many power iterations and
+    ``r + oversample`` sketch columns (:func:`lora_jax.linalg.randomized_svd`)."""
 
     name = "pissa"
     niter: int | None = None
+    oversample: int = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.niter is not None and (not isinstance(self.niter, int) or self.niter < 0):
             raise ValueError(f"pissa: niter={self.niter!r} must be None (full SVD) or an integer >= 0")
+        check_oversample(self.name, "oversample", self.oversample)
 
     def build(self, target: Target, *, seed: int) -> PiSSA:
         check_rank(self.name, self.r, target)
@@ -57,7 +60,7 @@ class PiSSAConfig(LowRankConfig):
         if self.niter is None:
             u, s, vh = top_r_svd(w, self.r)
         else:
-            u, s, vh = randomized_svd(w, self.r, niter=self.niter, key=target.key(seed))
+            u, s, vh = randomized_svd(w, self.r, niter=self.niter, key=target.key(seed), oversample=self.oversample)
         root = jnp.sqrt(s / self.scale)  # s cancels in W_res; it only sets the size of A and B
         return PiSSA(target, self, u * root[..., None, :], root[..., :, None] * vh, seed=seed)
 

@@ -147,7 +147,7 @@ def bench_variant_configs() -> dict[str, lj.VariantConfig]:
 
 def bench_forward(base: nnx.Module, x: jax.Array, reps: int, results: dict) -> list[Row]:
     """1-2. forward time of each adapted model and of the merged LoRA, over the base's."""
-    fns = {"base": forward_fn(base, x)}
+    fns = {"base": forward_fn(base, x), "base (second copy: noise control)": forward_fn(nnx.clone(base), x)}
     models = {
         name: with_random_adapters(lj.apply_adapters(base, cfg_for(v))) for name, v in bench_variant_configs().items()
     }
@@ -167,7 +167,7 @@ def bench_forward(base: nnx.Module, x: jax.Array, reps: int, results: dict) -> l
     rows = []
     for name, seconds in fwd.items():
         if name != "base":
-            label = f"forward {name} / base" + ("" if "r=" in name else f" (r={RANK})")
+            label = f"forward {name} / base" + ("" if "r=" in name or "base" in name else f" (r={RANK})")
             rows.append((label, f"{seconds / fwd['base']:.3f}", targets.get(name, "")))
     return rows
 

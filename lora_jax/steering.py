@@ -11,7 +11,7 @@ jitted function instead of baking a Python float into each trace:
   ``batch_size=b`` instead maps over the alphas ``b`` at a time (``jax.lax.map``): memory
   for ``b`` forwards, not all of them, and the work that does not depend on alpha (the
   layers before the first adapter) is done once. On a CPU ``batch_size=1`` measured
-  0.9x the time of separate calls and the full vmap 1.15x (``benchmarks/bench.py``); on
+  0.87x the time of separate calls and the full vmap 1.29x (``benchmarks/bench.py``); on
   an accelerator the full vmap is what fills the device.
 - ``mode="rows"``: the inputs are repeated once per alpha and each row gets its own alpha
   (shape ``(n_alphas * batch,)``), so the whole sweep is one ordinary forward pass. Needs

@@ -1,7 +1,9 @@
 """Side-by-side benchmark of lora_jax on a Qwen3-0.6B-shaped stack. Not a unit test.
 
 Every ratio is measured in one run: the timed functions are interleaved round by round
-(base, adapted, base, adapted, ...) after a warm-up, and medians are reported.
+(base, adapted, base, adapted, ...) after a warm-up, and each ratio is the median over
+rounds of the two times in the same round. A second copy of the base model is timed as
+a noise control.
 
     python benchmarks/bench.py                      # 2 layers, 4 x 256 tokens (CPU: minutes)
     python benchmarks/bench.py --layers 1 --seq 64  # quick look
@@ -42,18 +44,38 @@ def block(tree):
     return jax.block_until_ready(tree)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> dict[str, float]:
-    """Median wall time of each function, measured round-robin so drift hits all alike."""
+@dataclasses.dataclass
+class Timings:
+    """Wall times of functions measured round-robin: ``times[name][i]`` is round i."""
+
+    times: dict[str, list[float]]
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.times[name])
+
+    def ratio(self, name: str, ref: str) -> float:
+        """Median over rounds of ``name / ref`` in the same round: slow drift of the
+        machine hits both sides of each ratio alike."""
+        return statistics.median(a / b for a, b in zip(self.times[name], self.times[ref], strict=True))
+
+    def medians(self) -> dict[str, float]:
+        return {name: self.median(name) for name in self.times}
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> Timings:
+    """Time each function ``reps`` times, round by round, after ``warmup`` calls each.
+    Each round starts one function later, so no function always runs first."""
     for fn in fns.values():
         for _ in range(warmup):
             block(fn())
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(reps):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
             start = time.perf_counter()
-            block(fn())
+            block(fns[name]())
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return Timings(times)
 
 
 def forward_fn(model: nnx.Module, x: jax.Array) -> Callable[[], jax.Array]:
@@ -157,18 +179,18 @@ def bench_forward(base: nnx.Module, x: jax.Array, reps: int, results: dict) -> l
     fns.update({name: forward_fn(m, x) for name, m in models.items()})
     fns["merged lora"] = forward_fn(lj.merge_adapters(models["lora"]), x)
     fns["qwix lora"] = forward_fn(with_random_adapters(qwix_lora(base, qs.PROJECTIONS, RANK, x), wrt=nnx.LoRAParam), x)
-    fwd = interleaved_medians(fns, reps)
-    results["forward_s"], results["flop_ratio_lora"] = fwd, flop_ratio(RANK)
+    fwd = interleaved(fns, reps)
+    results["forward_s"], results["flop_ratio_lora"] = fwd.medians(), flop_ratio(RANK)
     targets = {
         "lora": f"<= 1.05 (FLOP ratio {flop_ratio(RANK):.3f})",
         "merged lora": "<= 1.01",
         "antipasto r=64": "<= 1.10",
     }
     rows = []
-    for name, seconds in fwd.items():
+    for name in fns:
         if name != "base":
             label = f"forward {name} / base" + ("" if "r=" in name or "base" in name else f" (r={RANK})")
-            rows.append((label, f"{seconds / fwd['base']:.3f}", targets.get(name, "")))
+            rows.append((label, f"{fwd.ratio(name, 'base'):.3f}", targets.get(name, "")))
     return rows
 
 
@@ -184,13 +206,13 @@ def bench_train(base: nnx.Module, remat_base: nnx.Module, x: jax.Array, y: jax.A
         "flax nnx.LoRA mlp": train_step(flax_lora_mlp(base, RANK), nnx.LoRAParam, x, y),
         "full fine-tune": train_step(nnx.clone(base), nnx.Param, x, y),
     }
-    train = interleaved_medians({k: v.run for k, v in steps.items()}, reps)
+    train = interleaved({k: v.run for k, v in steps.items()}, reps)
     remat_peak = {
         "lora_jax": train_step(lj.apply_adapters(remat_base, cfg_for(lora)), lj.AdapterParam, x, y).peak_bytes,
         "full fine-tune": train_step(nnx.clone(remat_base), nnx.Param, x, y).peak_bytes,
     }
     peak = {k: v.peak_bytes for k, v in steps.items()}
-    results.update(train_step_s=train, train_peak_bytes=peak, train_peak_bytes_remat=remat_peak)
+    results.update(train_step_s=train.medians(), train_peak_bytes=peak, train_peak_bytes_remat=remat_peak)
     state_bytes = {  # parameters + gradients + Adam moments, without activations
         "lora_jax": _tree_bytes(nnx.state(base))
         + 4 * _tree_bytes(nnx.state(lj.apply_adapters(base, cfg_for(lora)), lj.AdapterParam)),
@@ -198,15 +220,15 @@ def bench_train(base: nnx.Module, remat_base: nnx.Module, x: jax.Array, y: jax.A
     }
     results["train_state_bytes"] = state_bytes
     return [
-        ("train step lora_jax / qwix (7 projections)", f"{train['lora_jax'] / train['qwix']:.3f}", "<= 0.95"),
+        ("train step lora_jax / qwix (7 projections)", f"{train.ratio('lora_jax', 'qwix'):.3f}", "<= 0.95"),
         (
             "train step lora_jax custom_vjp=False / qwix",
-            f"{train['lora_jax custom_vjp=False'] / train['qwix']:.3f}",
+            f"{train.ratio('lora_jax custom_vjp=False', 'qwix'):.3f}",
             "",
         ),
         (
             "train step lora_jax / flax nnx.LoRA (MLP only)",
-            f"{train['lora_jax mlp'] / train['flax nnx.LoRA mlp']:.3f}",
+            f"{train.ratio('lora_jax mlp', 'flax nnx.LoRA mlp'):.3f}",
             "<= 1.0",
         ),
         (
@@ -251,9 +273,9 @@ def bench_sweep(model: nnx.Module, x: jax.Array, reps: int, results: dict) -> li
     }
     block(fns["sweep batch_size=1"]())
     compiles = len(traces)
-    times = interleaved_medians(fns, max(3, reps // 2))
-    results.update(sweep_s=times, sweep_compiles=compiles)
-    ratio = lambda k: f"{times[k] / times['16 singles']:.3f}"
+    times = interleaved(fns, max(3, reps // 2))
+    results.update(sweep_s=times.medians(), sweep_compiles=compiles)
+    ratio = lambda k: f"{times.ratio(k, '16 singles'):.3f}"
     return [
         ("sweep of 16 alphas (batch_size=1): compiles", str(compiles), "== 1"),
         ("sweep of 16 alphas (batch_size=1) / 16 single forwards", ratio("sweep batch_size=1"), "<= 1.0"),
@@ -281,7 +303,8 @@ def _power_law_kernel(shape: tuple[int, int], key: jax.Array) -> jax.Array:
 
 def bench_svd_init(base: nnx.Module, results: dict) -> list[Row]:
     """5. PiSSA / AntiPaSTO init over all kernels of the stack, full vs randomized SVD, and
-    the randomized top-64 error above the full SVD's (the optimum) on down_proj."""
+    the randomized top-r error above the full SVD's (the optimum) on down_proj, at each
+    variant's r (PiSSA 16, AntiPaSTO 64)."""
     settings = {"niter=4": {"niter": 4}, "niter=8 oversample=32": {"niter": 8, "oversample": 32}}
     inits = {"pissa full": lj.PiSSAConfig(r=RANK), "antipasto full": lj.AntiPaSTOConfig(r=64, block_size=4)}
     for name, opts in settings.items():
@@ -297,19 +320,20 @@ def bench_svd_init(base: nnx.Module, results: dict) -> list[Row]:
         "power-law spectrum": _power_law_kernel(qs.projection_shapes()[-1], jax.random.key(5)),
     }
     errors = {}
-    for kind, w in kernels.items():
-        optimum = float(svd_error(w, *top_r_svd(w, 64)))
-        for name, opts in settings.items():
-            approx = float(svd_error(w, *randomized_svd(w, 64, key=jax.random.key(0), **opts)))
-            errors[f"{kind} {name}"] = approx - optimum
-    results.update(init_s=init_s, top64_excess_error=errors)
+    for r in (RANK, 64):
+        for kind, w in kernels.items():
+            optimum = float(svd_error(w, *top_r_svd(w, r)))
+            for name, opts in settings.items():
+                approx = float(svd_error(w, *randomized_svd(w, r, key=jax.random.key(0), **opts)))
+                errors[f"top-{r}, {kind}, {name}"] = approx - optimum
+    results.update(init_s=init_s, top_r_excess_error=errors)
     rows = []
     for name in settings:
         for kind, r in (("pissa", RANK), ("antipasto", 64)):
             speedup = init_s[f"{kind} full"] / init_s[f"{kind} {name}"]
             rows.append((f"{kind} init (r={r}) full SVD / randomized {name}", f"{speedup:.1f}x", ">= 5x"))
     for key, err in errors.items():
-        rows.append((f"randomized top-64 error - full SVD's, down_proj, {key}", f"{err:.2e}", "<= 1e-3"))
+        rows.append((f"randomized {key}: error - full SVD's (down_proj)", f"{err:.2e}", "<= 1e-3"))
     return rows
 
 

@@ -8,11 +8,10 @@ Alpha is state (an ``Alpha`` Variable), so a sweep sets it from a traced value i
 jitted function instead of baking a Python float into each trace:
 
 - ``mode="vmap"``: ``jax.vmap`` over a scalar alpha; every alpha sees the same inputs.
-  ``batch_size=b`` instead maps over the alphas ``b`` at a time (``jax.lax.map``): memory
-  for ``b`` forwards, not all of them, and the work that does not depend on alpha (the
-  layers before the first adapter) is done once. On a CPU ``batch_size=1`` measured
-  0.87x the time of separate calls and the full vmap 1.29x (``benchmarks/bench.py``); on
-  an accelerator the full vmap is what fills the device.
+  ``batch_size=b`` instead maps over the alphas ``b`` at a time (``jax.lax.map``), with
+  memory for ``b`` forwards, not all of them. On a CPU ``batch_size=1`` measured
+  0.86-0.89x the time of separate calls and the full vmap 1.02-1.87x over six runs of
+  ``benchmarks/bench.py``; on an accelerator the full vmap is what fills the device.
 - ``mode="rows"``: the inputs are repeated once per alpha and each row gets its own alpha
   (shape ``(n_alphas * batch,)``), so the whole sweep is one ordinary forward pass. Needs
   layers whose input's first axis is the batch (not e.g. an expert axis).

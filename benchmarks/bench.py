@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -25,12 +24,12 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import qwen_shaped as qs
+from harness import block, flax_lora_mlp, forward_fn, interleaved, qwix_lora, train_step, with_random_adapters
 
 import lora_jax as lj
 from lora_jax.linalg import randomized_svd, svd_error, top_r_svd
@@ -40,115 +39,8 @@ RANK = 16
 Row = tuple[str, str, str]
 
 
-def block(tree):
-    return jax.block_until_ready(tree)
-
-
-@dataclasses.dataclass
-class Timings:
-    """Wall times of functions measured round-robin: ``times[name][i]`` is round i."""
-
-    times: dict[str, list[float]]
-
-    def median(self, name: str) -> float:
-        return statistics.median(self.times[name])
-
-    def ratio(self, name: str, ref: str) -> float:
-        """Median over rounds of ``name / ref`` in the same round: slow drift of the
-        machine hits both sides of each ratio alike."""
-        return statistics.median(a / b for a, b in zip(self.times[name], self.times[ref], strict=True))
-
-    def medians(self) -> dict[str, float]:
-        return {name: self.median(name) for name in self.times}
-
-
-def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 2) -> Timings:
-    """Time each function ``reps`` times, round by round, after ``warmup`` calls each.
-    Each round starts one function later, so no function always runs first."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            block(fn())
-    names = list(fns)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(reps):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            start = time.perf_counter()
-            block(fns[name]())
-            times[name].append(time.perf_counter() - start)
-    return Timings(times)
-
-
-def forward_fn(model: nnx.Module, x: jax.Array) -> Callable[[], jax.Array]:
-    graphdef, state = nnx.split(model)
-    jitted = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))
-    return lambda: jitted(state, x)
-
-
 def cfg_for(variant: lj.VariantConfig, pattern: str = qs.PROJECTIONS) -> lj.AdapterConfig:
     return lj.AdapterConfig(rules=(lj.Rule(pattern=pattern, variant=variant),))
-
-
-@dataclasses.dataclass
-class TrainStep:
-    """A jitted optax step over the ``wrt`` leaves of a model, kept functional so its
-    compiled memory can be read; state is carried between calls."""
-
-    run: Callable[[], jax.Array]
-    peak_bytes: int
-
-
-def train_step(model: nnx.Module, wrt, x: jax.Array, y: jax.Array) -> TrainStep:
-    graphdef, params, rest = nnx.split(model, wrt, ...)
-    tx = optax.adam(1e-4)
-    params = jax.tree.map(jnp.copy, params)  # donated below; never donate arrays other models share
-    carry = {"params": params, "opt": tx.init(params)}
-
-    def step(params, opt_state, rest, x, y):
-        def loss_fn(p):
-            return jnp.mean((nnx.merge(graphdef, p, rest)(x) - y) ** 2)
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    jitted = jax.jit(step, donate_argnums=(0, 1))
-    mem = jitted.lower(carry["params"], carry["opt"], rest, x, y).compile().memory_analysis()
-    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
-
-    def run():
-        carry["params"], carry["opt"], loss = jitted(carry["params"], carry["opt"], rest, x, y)
-        return loss
-
-    return TrainStep(run, int(peak))
-
-
-def flax_lora_mlp(model: nnx.Module, rank: int) -> nnx.Module:
-    """flax's own nnx.LoRA around the MLP Linears (it does not wrap Einsum layers)."""
-    model = nnx.clone(model)
-    rngs = nnx.Rngs(0)
-    for layer in model.layers:
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            base = getattr(layer.mlp, name)
-            d_in, d_out = base.kernel.shape
-            setattr(layer.mlp, name, nnx.LoRA(d_in, rank, d_out, base_module=base, rngs=rngs))
-    return model
-
-
-def qwix_lora(model: nnx.Module, pattern: str, rank: int, x: jax.Array) -> nnx.Module:
-    import qwix
-
-    provider = qwix.LoraProvider([qwix.LoraRule(module_path=f".*{pattern}.*", rank=rank, alpha=float(rank))])
-    return qwix.apply_lora_to_model(nnx.clone(model), provider, x[:1, :8], rngs=nnx.Rngs(0))
-
-
-def with_random_adapters(model: nnx.Module, scale: float = 0.01, wrt=lj.AdapterParam) -> nnx.Module:
-    """Move adapter weights off their identity init, so no zero is special-cased."""
-    state = nnx.state(model, wrt)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(3), len(leaves))
-    moved = [v + scale * jax.random.normal(k, v.shape, v.dtype) for v, k in zip(leaves, keys, strict=True)]
-    nnx.update(model, jax.tree.unflatten(treedef, moved))
-    return model
 
 
 def flop_ratio(rank: int) -> float:
@@ -198,8 +90,9 @@ def bench_train(base: nnx.Module, remat_base: nnx.Module, x: jax.Array, y: jax.A
     """3. training step: lora_jax vs qwix vs flax nnx.LoRA; peak memory vs a full fine-tune."""
     lora = lj.LoRAConfig(r=RANK, lora_alpha=float(RANK))
     autodiff = dataclasses.replace(lora, custom_vjp=False)
+    adapted = lj.apply_adapters(base, cfg_for(lora))
     steps = {
-        "lora_jax": train_step(lj.apply_adapters(base, cfg_for(lora)), lj.AdapterParam, x, y),
+        "lora_jax": train_step(adapted, lj.AdapterParam, x, y),
         "lora_jax custom_vjp=False": train_step(lj.apply_adapters(base, cfg_for(autodiff)), lj.AdapterParam, x, y),
         "qwix": train_step(qwix_lora(base, qs.PROJECTIONS, RANK, x), nnx.LoRAParam, x, y),
         "lora_jax mlp": train_step(lj.apply_adapters(base, cfg_for(lora, r"mlp")), lj.AdapterParam, x, y),
@@ -214,8 +107,7 @@ def bench_train(base: nnx.Module, remat_base: nnx.Module, x: jax.Array, y: jax.A
     peak = {k: v.peak_bytes for k, v in steps.items()}
     results.update(train_step_s=train.medians(), train_peak_bytes=peak, train_peak_bytes_remat=remat_peak)
     state_bytes = {  # parameters + gradients + Adam moments, without activations
-        "lora_jax": _tree_bytes(nnx.state(base))
-        + 4 * _tree_bytes(nnx.state(lj.apply_adapters(base, cfg_for(lora)), lj.AdapterParam)),
+        "lora_jax": _tree_bytes(nnx.state(base)) + 4 * _tree_bytes(nnx.state(adapted, lj.AdapterParam)),
         "full fine-tune": 4 * _tree_bytes(nnx.state(base, nnx.Param)),
     }
     results["train_state_bytes"] = state_bytes

@@ -95,7 +95,11 @@ def _product_bwd(p: _Product, res: tuple[Array, Array], g: Array) -> tuple[Array
 _product.defvjp(_product_fwd, _product_bwd)
 
 
-def _apply(p: _Product, act: Array, factor: Array, custom_vjp: bool) -> Array:
+def _project(spec: EinsumSpec, ndim: int, act: Array, matrix: Array, side: str, src: str, dst: str, custom_vjp: bool):
+    """``act`` (layout ``src`` of ``spec.layout(ndim)``) times the ``side`` factor, into ``dst``."""
+    lay = spec.layout(ndim)
+    factor, letters = spec.factor_view(matrix, lay.rank, side)
+    p = _Product(getattr(lay, src), letters, getattr(lay, dst), lay.rank, spec.batch)
     if custom_vjp:
         return _product(p, act, factor)
     return jnp.einsum(f"{p.act},{p.factor}->{p.out}", act, factor)
@@ -103,24 +107,18 @@ def _apply(p: _Product, act: Array, factor: Array, custom_vjp: bool) -> Array:
 
 def project_in(spec: EinsumSpec, x: Array, matrix: Float[Array, "*batch d_in k"], *, custom_vjp: bool = True) -> Array:
     """``x @ matrix`` per kernel-batch index, in the rank-space ``hidden`` layout."""
-    lay = spec.layout(x.ndim)
-    factor, letters = spec.factor_view(matrix, lay.rank, "in")
-    return _apply(_Product(lay.lhs, letters, lay.hidden, lay.rank, spec.batch), x, factor, custom_vjp)
+    return _project(spec, x.ndim, x, matrix, "in", "lhs", "hidden", custom_vjp)
 
 
 def project_out(
     spec: EinsumSpec, h: Array, matrix: Float[Array, "*batch k d_out"], ndim: int, *, custom_vjp: bool = True
 ) -> Array:
     """``h @ matrix`` into the layer's output layout (``ndim`` is the layer input's)."""
-    lay = spec.layout(ndim)
-    factor, letters = spec.factor_view(matrix, lay.rank, "out")
-    return _apply(_Product(lay.hidden, letters, lay.out, lay.rank, spec.batch), h, factor, custom_vjp)
+    return _project(spec, ndim, h, matrix, "out", "hidden", "out", custom_vjp)
 
 
 def project_back(
     spec: EinsumSpec, h: Array, matrix: Float[Array, "*batch d_in k"], ndim: int, *, custom_vjp: bool = True
 ) -> Array:
     """``h @ matrix^T`` back into the layer's input layout."""
-    lay = spec.layout(ndim)
-    factor, letters = spec.factor_view(matrix, lay.rank, "in")
-    return _apply(_Product(lay.hidden, letters, lay.lhs, lay.rank, spec.batch), h, factor, custom_vjp)
+    return _project(spec, ndim, h, matrix, "in", "hidden", "lhs", custom_vjp)

@@ -261,3 +261,49 @@ def test_refusals_name_the_layer(layer, variant, match):
     with pytest.raises(ValueError, match=match):
         lj.apply_adapters(model, lj.AdapterConfig(rules=(lj.Rule(pattern="layer", variant=variant),)))
     jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)
+
+
+# -- PEFT files ---------------------------------------------------------------------------------
+class TorchConvEmbed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(11, C_IN)
+        self.conv = torch.nn.Conv1d(C_IN, C_OUT, 3, padding=1)
+
+    def forward(self, ids):
+        return self.conv(self.embed(ids).transpose(1, 2)).transpose(1, 2)
+
+
+class ConvEmbed(nnx.Module):
+    def __init__(self, torch_model: TorchConvEmbed):
+        rngs = nnx.Rngs(0)
+        self.embed = nnx.Embed(11, C_IN, rngs=rngs)
+        self.embed.embedding.value = jnp.asarray(torch_model.embed.weight.detach().numpy())
+        self.conv = _flax_conv(torch_model.conv, 1, 1)
+
+    def __call__(self, ids):
+        return self.conv(self.embed(ids))
+
+
+def test_conv_and_embed_peft_files_both_ways(tmp_path):
+    from peft import PeftModel
+
+    from lora_jax.peft_format import export_peft, import_peft
+
+    torch.manual_seed(0)
+    torch_base = TorchConvEmbed()
+    ids = np.random.default_rng(0).integers(0, 11, (2, 7))
+    ours = lj.apply_adapters(ConvEmbed(torch_base), _lora(pattern="conv|embed", r=R, lora_alpha=6))
+    _nudge(ours)
+    lj.set_alpha(ours, 0.5)  # PEFT has no alpha: exported into B
+    export_peft(tmp_path / "out", ours, hf_name=lambda path: path)
+    loaded = PeftModel.from_pretrained(torch_base, tmp_path / "out").eval()
+    with torch.no_grad():
+        expected = loaded(torch.from_numpy(ids)).numpy()
+    assert np.abs(expected - np.asarray(ConvEmbed(torch_base)(jnp.asarray(ids)))).max() > 1e-2
+    assert_rel_close(ours(jnp.asarray(ids)), expected)
+
+    loaded.save_pretrained(tmp_path / "back")
+    back = import_peft(tmp_path / "back", ConvEmbed(torch_base), hf_name=lambda path: path)
+    assert {type(a).__name__ for _, a in lj.iter_adapters(back)} == {"ConvLoRA", "EmbedLoRA"}
+    assert_rel_close(back(jnp.asarray(ids)), expected)

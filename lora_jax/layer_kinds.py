@@ -26,7 +26,7 @@ from jaxtyping import Array, Float, Int
 
 from lora_jax.views import UnsupportedLayerError, ViewInfo, view_of
 
-__all__ = ["SUPPORTED_TYPES", "conv_with_kernel", "describe", "owns_params"]
+__all__ = ["SUPPORTED_TYPES", "conv_factor", "conv_with_kernel", "describe", "lookup", "owns_params", "per_row"]
 
 SUPPORTED_TYPES = (
     "nnx.Linear, nnx.LinearGeneral, nnx.Einsum (any two-operand string), nnx.Conv (1-D/2-D/3-D, "

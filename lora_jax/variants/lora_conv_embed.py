@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jaxtyping import Array
 
 from lora_jax.adapter import Adapter, AdapterParam, Target
@@ -79,6 +80,12 @@ class EmbedLoRA(LoRA):
 
 def build_lora(target: Target, config: LoRAConfig, *, seed: int) -> LoRA:
     """The LoRA adapter for a conv or embed target (``LoRAConfig.build`` dispatches here)."""
+    layer_type = {"conv": nnx.Conv, "embed": nnx.Embed}.get(target.info.kind)
+    if layer_type is None or not isinstance(target.module, layer_type):
+        raise ValueError(
+            f"lora: {target.path!r} is a {type(target.module).__name__} whose view says kind "
+            f"{target.info.kind!r}; that kind is for nnx.Conv / nnx.Embed layers only (a registered view is an einsum)"
+        )
     if target.info.kind == "conv":
         return ConvLoRA(target, config, seed=seed)
     if config.dropout:

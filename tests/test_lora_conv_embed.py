@@ -307,3 +307,13 @@ def test_conv_and_embed_peft_files_both_ways(tmp_path):
     back = import_peft(tmp_path / "back", ConvEmbed(torch_base), hf_name=lambda path: path)
     assert {type(a).__name__ for _, a in lj.iter_adapters(back)} == {"ConvLoRA", "EmbedLoRA"}
     assert_rel_close(back(jnp.asarray(ids)), expected)
+
+
+def test_registered_view_cannot_claim_the_conv_kind():
+    class FakeConv(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.ones((3, 4, 5)))
+
+    lj.register_view(FakeConv, lambda m: lj.ViewInfo("...ai,aio->...o", kernel="w", kind="conv"))
+    with pytest.raises(ValueError, match="'layer' is a FakeConv whose view says kind 'conv'"):
+        lj.apply_adapters(Wrap(FakeConv()), _lora(r=2))

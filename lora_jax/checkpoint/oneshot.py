@@ -41,7 +41,7 @@ POINTER = "CURRENT"
 _VERSION = re.compile(r"v-[0-9a-f]{32}")
 # What interrupted saves leave: unreferenced versions, Orbax's temporaries, staged pointers.
 _LEFTOVER = re.compile(rf"{_VERSION.pattern}(\.orbax-checkpoint-tmp.*)?|{POINTER}\.tmp-[0-9a-f]{{32}}")
-_FORMAT_1 = ("_CHECKPOINT_METADATA", "adapter", "meta")  # an Orbax checkpoint written at path itself
+_FORMAT_1 = ("_CHECKPOINT_METADATA", "adapter", "meta", "commit_success.txt")  # Orbax's files, at path itself
 
 
 def _reached(step: str) -> None:

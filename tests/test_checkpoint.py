@@ -175,6 +175,7 @@ from test_checkpoint import MLP, lora_cfg, perturb, version_dir, _flip, _truncat
 from lora_jax import apply_adapters
 from lora_jax.checkpoint import CheckpointError, restore, save
 model = apply_adapters(MLP(), lora_cfg())
+perturb(model)
 for i, damage in enumerate([_truncate, _flip]):
     path = save({tmp!r} + f"/c{{i}}", model)
     for f in (version_dir(path) / "adapter").glob("d/*"):

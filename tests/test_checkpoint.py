@@ -321,6 +321,7 @@ def test_killed_train_save_leaves_previous_checkpoint(tmp_path, where):
     with TrainCheckpointer(run, save_every=2, async_save=False) as ckpt:
         ckpt.save(2, model, nnx.Optimizer(model, optax.adam(1e-3), wrt=AdapterParam))
     _killed("train", run, where)
+    assert any(".orbax-checkpoint-tmp" in p.name for p in run.iterdir())  # what the kill left
     x = jax.random.normal(jax.random.key(0), (3, 16))
     fresh = apply_adapters(MLP(), lora_cfg(seed=3))
     with TrainCheckpointer(run, save_every=2) as ckpt:

@@ -93,6 +93,8 @@ class TrainCheckpointer:
         """Save when ``step`` is due (or ``force``); returns whether it saved."""
         if self.best_metric is not None and (metrics is None or self.best_metric not in metrics):
             raise ValueError(f"this checkpointer keeps the best by {self.best_metric!r}: pass metrics={{...}} with it")
+        if not force and not self._manager.should_save(step):
+            return False  # before the record: its weights digest reads the arrays back to the host
         pure = lambda *f: nnx.to_pure_dict(nnx.state(*f))
         train = {"rng": pure(model, nnx.RngState), "optimizer": pure(optimizer)}
         args = ocp.args.Composite(
@@ -110,6 +112,8 @@ class TrainCheckpointer:
 
         Returns the step, or None when the directory holds no checkpoint. Pass
         ``optimizer=None`` to load only the adapter (e.g. the best step for evaluation).
+        Nothing changes unless the whole step reads and checks out; when it does not, the
+        :class:`CheckpointError` names the other saved steps that do (each is read to tell).
         """
         if not list(iter_adapters(model)):
             raise CheckpointError(

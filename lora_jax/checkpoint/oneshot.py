@@ -26,6 +26,7 @@ from flax import nnx
 
 from lora_jax.adapter import ADAPTER_VARIABLES
 from lora_jax.checkpoint.records import (
+    ORBAX_TMP,
     CheckpointError,
     check_weights,
     config_from_meta,
@@ -40,7 +41,7 @@ M = TypeVar("M", bound=nnx.Module)
 POINTER = "CURRENT"
 _VERSION = re.compile(r"v-[0-9a-f]{32}")
 # What interrupted saves leave: unreferenced versions, Orbax's temporaries, staged pointers.
-_LEFTOVER = re.compile(rf"{_VERSION.pattern}(\.orbax-checkpoint-tmp.*)?|{POINTER}\.tmp-[0-9a-f]{{32}}")
+_LEFTOVER = re.compile(rf"{_VERSION.pattern}({re.escape(ORBAX_TMP)}.*)?|{POINTER}\.tmp-[0-9a-f]{{32}}")
 _FORMAT_1 = ("_CHECKPOINT_METADATA", "adapter", "meta", "commit_success.txt")  # Orbax's files, at path itself
 
 

@@ -29,6 +29,7 @@ from lora_jax.surgery import iter_adapters
 
 FORMAT = 2  # 2: the record carries a digest; 1 (no digest) is still read
 READABLE_FORMATS = (1, 2)
+ORBAX_TMP = ".orbax-checkpoint-tmp"  # the suffix of Orbax's directory for a save in progress
 
 
 class CheckpointError(ValueError):

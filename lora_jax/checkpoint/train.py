@@ -8,6 +8,7 @@ the step asked for cannot be read, the error names the steps that can.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from lora_jax.adapter import ADAPTER_VARIABLES
 from lora_jax.checkpoint.records import (
+    ORBAX_TMP,
     CheckpointError,
     check_weights,
     config_from_meta,
@@ -75,10 +77,12 @@ class TrainCheckpointer:
             best_fn=best_fn,  # only so that Orbax writes the metrics and answers best_step
             best_mode=best_mode,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,  # what a killed save left
         )
         handlers = {item: ocp.StandardCheckpointHandler() for item in ("adapter", "train")}
         handlers["meta"] = ocp.JsonCheckpointHandler()
+        if self.directory.is_dir():  # what a killed save left; Orbax's own cleanup runs in the background
+            for tmp in self.directory.glob(f"*{ORBAX_TMP}*"):
+                shutil.rmtree(tmp)
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def save(

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import re
 from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 from lora_jax.adapter import VariantConfig
 from lora_jax.variants import VARIANTS
@@ -88,25 +91,24 @@ class Rule:
         if not isinstance(self.pattern, str):
             raise TypeError(f"Rule.pattern must be a regular expression string, got {self.pattern!r}")
         # A single value is a one-element tuple (roles="writer" is not five letters).
-        single = {"layers": int, "roles": str, "exclude": str}
-        for name, kind in single.items():
+        single = {"layers": (numbers.Integral, "int"), "roles": (str, "str"), "exclude": (str, "str")}
+        for name, (kind, kind_name) in single.items():
             value = getattr(self, name)
             if isinstance(value, kind) and not isinstance(value, bool):
                 value = (value,)
             elif isinstance(value, list):
                 value = tuple(value)
             elif value is not None and not isinstance(value, tuple):
-                raise TypeError(
-                    f"Rule.{name} must be a tuple of {kind.__name__} (or one {kind.__name__}), got {value!r}"
-                )
+                raise TypeError(f"Rule.{name} must be a tuple of {kind_name} (or one {kind_name}), got {value!r}")
             if value is None and name == "exclude":
                 value = ()
             object.__setattr__(self, name, value)
         if self.layers is not None:
             what = "Rule.layers must hold layer indices (integers >= 0, the first integer in a layer's path)"
-            bad = [i for i in self.layers if not isinstance(i, int) or isinstance(i, bool)]
+            bad = [i for i in self.layers if not isinstance(i, numbers.Integral) or isinstance(i, bool | np.bool_)]
             if bad:
                 raise TypeError(f"{what}, got {bad} in {self.layers!r}")
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))  # numpy ints too, for JSON
             if any(i < 0 for i in self.layers):
                 raise ValueError(f"{what}, got {self.layers!r} (no counting from the end: name the layer index itself)")
         if self.roles is not None:

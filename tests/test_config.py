@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import lora_jax as lj
@@ -64,6 +65,8 @@ def test_single_layer_role_or_exclude_is_a_one_element_tuple():
     assert (rule.layers, rule.roles, rule.exclude) == ((5,), ("writer",), ("up",))
     assert rule == lj.Rule(pattern="x", variant=lj.LoRAConfig(), layers=(5,), roles=("writer",), exclude=("up",))
     assert lj.Rule.from_dict(rule.to_dict()) == rule
+    numpy_layers = lj.Rule(pattern="x", variant=lj.LoRAConfig(), layers=np.arange(2).tolist() + [np.int64(4)])
+    assert numpy_layers.layers == (0, 1, 4) and all(type(i) is int for i in numpy_layers.layers)
 
 
 def test_bad_variant_options():

@@ -4,6 +4,8 @@ padding mode; alpha steers; bad input is refused by name."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -304,8 +306,13 @@ def test_conv_and_embed_peft_files_both_ways(tmp_path):
     assert_rel_close(ours(jnp.asarray(ids)), expected)
 
     loaded.save_pretrained(tmp_path / "back")
+    config_file = tmp_path / "back" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "lora_dropout": 0.1}))  # PEFT applies it to the conv only
     back = import_peft(tmp_path / "back", ConvEmbed(torch_base), hf_name=lambda path: path)
-    assert {type(a).__name__ for _, a in lj.iter_adapters(back)} == {"ConvLoRA", "EmbedLoRA"}
+    adapters = {type(a).__name__: a for _, a in lj.iter_adapters(back)}
+    assert adapters["ConvLoRA"].config.dropout == 0.1 and adapters["EmbedLoRA"].config.dropout == 0.0
+    back.eval()
     assert_rel_close(back(jnp.asarray(ids)), expected)
 
 

@@ -49,6 +49,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from lora_jax.adapter import Adapter, AdapterState, Target, VariantConfig
+from lora_jax.ragged import build_adapter
 from lora_jax.views import EinsumSpec, UnsupportedLayerError, ViewInfo
 
 __all__ = ["LayerMask", "StackedTarget", "stack_depth", "stacked_target", "build", "alpha_value", "merged_arrays"]
@@ -109,7 +110,7 @@ def build(target: StackedTarget, variant: VariantConfig, *, seed: int, layers: t
 
     def one(module: nnx.Module, index: jax.Array) -> Adapter:
         spec = EinsumSpec(target.info.equation, tuple(getattr(module, target.info.kernel).shape))
-        return variant.build(_SliceTarget(target.path, module, target.info, spec, index=index), seed=seed)
+        return build_adapter(_SliceTarget(target.path, module, target.info, spec, index=index), variant, seed=seed)
 
     adapter = nnx.vmap(one, in_axes=(0, 0), out_axes=0, **vmap_options)(target.module, jnp.arange(target.size))
     mask = _mask(target.size, layers)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import jax.numpy as jnp
 from flax import nnx
 
-from lora_jax import stacked
+from lora_jax import ragged, stacked
 from lora_jax.adapter import Adapter, Target
 from lora_jax.config import AdapterConfig, Rule
 from lora_jax.views import UnsupportedLayerError, spec_of, view_of
@@ -179,7 +179,7 @@ def _replace(model: nnx.Module, parts: tuple[Any, ...], new: nnx.Module) -> None
 def _build(target: Target, rule: Rule, seed: int) -> Adapter:
     if isinstance(target, stacked.StackedTarget):
         return stacked.build(target, rule.variant, seed=seed, layers=rule.layers)
-    return rule.variant.build(target, seed=seed)
+    return ragged.build_adapter(target, rule.variant, seed=seed)
 
 
 def apply_adapters(model: M, cfg: AdapterConfig) -> M:

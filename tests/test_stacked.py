@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -244,3 +247,13 @@ def test_errors():
         adapted = lj.apply_adapters(model, _cfg(lj.LoRAConfig(r=2), "up"))
         lj.set_alpha(adapted, jnp.ones((2,)))
         lj.merge_adapters(adapted)
+
+
+def test_readme_section_runs():
+    """Every python block of the README's "Stacked layers and MoE experts" section."""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("## Stacked layers and MoE experts\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {"__name__": "readme"})

@@ -103,17 +103,22 @@ def main() -> None:
           f"backend={jax.default_backend()}; max rel. difference ragged vs einsum: {err:.1e}")
 
     fns = {
+        "fwd ragged base": forward(RaggedMoE(kernel)),
+        "fwd einsum base": forward(EinsumMoE(kernel, capacity)),
         "fwd ragged": forward(ragged),
         "fwd einsum": forward(einsum),
         "train ragged": train_step(ragged, lj.AdapterParam, batch, y).run,
         "train einsum": train_step(einsum, lj.AdapterParam, batch, y).run,
     }
     timings = interleaved(fns, reps=args.reps)
-    print(f"{'':14}{'median ms':>10}")
+    print(f"{'':17}{'median ms':>10}")
     for name, seconds in timings.medians().items():
-        print(f"{name:14}{seconds * 1e3:10.2f}")
+        print(f"{name:17}{seconds * 1e3:10.2f}")
+    print(f"base     ragged / einsum: {timings.ratio('fwd ragged base', 'fwd einsum base'):.2f}x (no adapter)")
     print(f"forward  ragged / einsum: {timings.ratio('fwd ragged', 'fwd einsum'):.2f}x")
     print(f"training ragged / einsum: {timings.ratio('train ragged', 'train einsum'):.2f}x")
+    print(f"LoRA forward overhead: ragged {timings.ratio('fwd ragged', 'fwd ragged base'):.2f}x, "
+          f"einsum {timings.ratio('fwd einsum', 'fwd einsum base'):.2f}x")
 
 
 if __name__ == "__main__":

@@ -119,13 +119,13 @@ def build(target: StackedTarget, variant: VariantConfig, *, seed: int, layers: t
     return adapter
 
 
-def layer_mask(adapter: Adapter) -> Array | None:
+def layer_mask(adapter: Adapter) -> Float[Array, " L"] | None:
     """The adapter's :class:`LayerMask` values, or None for an adapter that is not stacked."""
     mask = vars(adapter).get("layer_mask")
     return mask[...] if isinstance(mask, LayerMask) else None
 
 
-def alpha_value(value: Array, mask: Array | None) -> Array:
+def alpha_value(value: Float[Array, "*rows"], mask: Float[Array, " L"] | None) -> Float[Array, "*L_rows"]:
     """The stored alpha for ``value`` (a scalar or one per row): itself, or for a stacked
     adapter one copy per layer times the mask (``(L,)`` or ``(L, rows)``)."""
     if mask is None:
@@ -146,7 +146,7 @@ def _merged_one(adapter: Adapter) -> tuple[Array, Array | None]:
     return new_kernel, spec.bias_from_matrix(new_bias, bias_var.shape).astype(bias_var.dtype)
 
 
-def merged_arrays(adapter: Adapter) -> tuple[Array, Array | None]:
+def merged_arrays(adapter: Adapter) -> tuple[Float[Array, "*kernel"], Float[Array, "*bias"] | None]:
     """The layer's kernel (and bias, or None) with the adapter folded in at its alpha, in
     the kernel's own layout and dtype. A stacked adapter folds slice by slice
     (``jax.vmap``); layers its mask leaves out keep their kernel bit for bit."""

@@ -59,7 +59,10 @@ def _call(fn: Callable, model: nnx.Module, inputs: Any, has_inputs: bool) -> Any
 @functools.partial(jax.jit, static_argnames=("graphdef", "fn", "pattern", "has_inputs", "batch_size"))
 def _sweep_vmap(graphdef, state, alphas, inputs, *, fn, pattern, has_inputs, batch_size):
     def one(alpha):
-        return _call(fn, nnx.merge(graphdef, set_alpha(state, alpha, pattern=pattern)), inputs, has_inputs)
+        # copy=True: Variables made at this trace level, or an nnx.scan inside fn (stacked
+        # layers) refuses the jit-level ones it would otherwise receive.
+        model = nnx.merge(graphdef, set_alpha(state, alpha, pattern=pattern), copy=True)
+        return _call(fn, model, inputs, has_inputs)
 
     if batch_size is None:
         return jax.vmap(one)(alphas)
@@ -71,7 +74,7 @@ def _sweep_rows(graphdef, state, alphas, inputs, *, fn, pattern):
     n, batch = alphas.shape[0], jax.tree.leaves(inputs)[0].shape[0]
     # alpha-major: row i * batch + b is input row b at alphas[i]
     tiled = jax.tree.map(lambda x: jnp.tile(x, (n,) + (1,) * (x.ndim - 1)), inputs)
-    out = fn(nnx.merge(graphdef, set_alpha(state, jnp.repeat(alphas, batch), pattern=pattern)), tiled)
+    out = fn(nnx.merge(graphdef, set_alpha(state, jnp.repeat(alphas, batch), pattern=pattern), copy=True), tiled)
     bad = [y.shape for y in jax.tree.leaves(out) if y.ndim == 0 or y.shape[0] != n * batch]
     if bad:
         raise ValueError(

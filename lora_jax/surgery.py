@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from flax import nnx
 
+from lora_jax import ragged, stacked
 from lora_jax.adapter import Adapter, Target, as_alpha
 from lora_jax.config import AdapterConfig, Rule
 from lora_jax.layer_kinds import SUPPORTED_TYPES, describe, owns_params
@@ -79,7 +80,10 @@ def _candidates(model: nnx.Module) -> list[_Candidate]:
                 if parts and owns_params(module):
                     found.append(_Candidate(parts, None, None, unsupported_type=_type_name(module)))
                 continue
-            target = Target(_path(parts), module, info, spec_of(module, info))
+            if stacked.stack_depth(module, info):
+                target = stacked.stacked_target(_path(parts), module, info)
+            else:
+                target = Target(_path(parts), module, info, spec_of(module, info))
         except UnsupportedLayerError as err:
             found.append(_Candidate(parts, None, err))
             continue
@@ -111,11 +115,30 @@ def _roles(target: Target, d_model: int) -> set[str]:
 def _rule_matches(rule: Rule, path: str, target: Target | None, d_model: int) -> bool:
     if not re.search(rule.pattern, path) or any(re.search(e, path) for e in rule.exclude):
         return False
-    if rule.layers is not None and _layer_index(path) not in rule.layers:
-        return False
+    if rule.layers is not None:
+        if isinstance(target, stacked.StackedTarget):  # layers= picks slices of the stack
+            if not set(rule.layers) & set(range(target.size)):
+                return False
+        elif _layer_index(path) not in rule.layers:
+            return False
     if rule.roles is not None and (target is None or not _roles(target, d_model) & set(rule.roles)):
         return False
     return True
+
+
+def _check_stack_claim(target: Target | None, rules: tuple[Rule, ...], first: int, later: int) -> None:
+    """Two rules cannot split one stacked layer between them: its layers share arrays."""
+    if not isinstance(target, stacked.StackedTarget):
+        return
+    covered = set(range(target.size)) if rules[first].layers is None else set(rules[first].layers)
+    wanted = set(range(target.size)) if rules[later].layers is None else set(rules[later].layers)
+    extra = sorted(wanted & set(range(target.size)) - covered)
+    if extra:
+        raise ValueError(
+            f"rule {later} selects layers {extra} of the stacked layer {target.path!r}, which rule {first} "
+            f"already adapts (layers={rules[first].layers}); a stack's layers share one adapter config, so "
+            "give one rule all the layers it should adapt"
+        )
 
 
 def find_targets(model: nnx.Module, cfg: AdapterConfig) -> list[tuple[Target, Rule]]:
@@ -125,13 +148,16 @@ def find_targets(model: nnx.Module, cfg: AdapterConfig) -> list[tuple[Target, Ru
     adaptable = [c.target for c in candidates if c.target is not None]
     d_model = cfg.d_model or (_infer_d_model(adaptable) if adaptable else 0)
     chosen: list[tuple[Target, Rule]] = []
-    claimed: set[str] = set()
+    claimed: dict[str, int] = {}  # path -> the rule that claimed it
     for i, rule in enumerate(cfg.rules):
         n_matched = 0
         unsupported: list[str] = []
         for c in candidates:
             path = _path(c.parts)
-            if path in claimed or not _rule_matches(rule, path, c.target, d_model):
+            if not _rule_matches(rule, path, c.target, d_model):
+                continue
+            if path in claimed:
+                _check_stack_claim(c.target, cfg.rules, claimed[path], i)
                 continue
             if c.unsupported_type is not None:
                 unsupported.append(f"{path!r} ({c.unsupported_type})")
@@ -141,7 +167,7 @@ def find_targets(model: nnx.Module, cfg: AdapterConfig) -> list[tuple[Target, Ru
                     f"rule {i} (pattern {rule.pattern!r}) matched {path!r}, which cannot be adapted: {c.error}"
                 )
             _check_kind(i, rule, c.target)
-            claimed.add(path)
+            claimed[path] = i
             chosen.append((c.target, rule))
             n_matched += 1
         if n_matched == 0 and unsupported:
@@ -189,17 +215,25 @@ def _replace(model: nnx.Module, parts: tuple[Any, ...], new: nnx.Module) -> None
         setattr(parent, key, new)
 
 
+def _build(target: Target, rule: Rule, seed: int) -> Adapter:
+    if isinstance(target, stacked.StackedTarget):
+        return stacked.build(target, rule.variant, seed=seed, layers=rule.layers)
+    return ragged.build_adapter(target, rule.variant, seed=seed)
+
+
 def apply_adapters(model: M, cfg: AdapterConfig) -> M:
     """A copy of ``model`` with an adapter around every layer ``cfg`` selects.
 
     Adapters start at alpha=1 and compute the identity. Train them with
-    ``nnx.Optimizer(model, tx, wrt=AdapterParam)``.
+    ``nnx.Optimizer(model, tx, wrt=AdapterParam)``. A layer stacked on a leading layer
+    axis (``nnx.vmap``-built blocks run by ``nnx.scan``) gets a stacked adapter; see
+    :mod:`lora_jax.stacked`.
     """
     if not isinstance(cfg, AdapterConfig):
         raise TypeError(f"apply_adapters needs an AdapterConfig, got {type(cfg).__name__}")
     new = nnx.clone(model)
     plan = find_targets(new, cfg)
-    built = [(t.path, rule.variant.build(t, seed=cfg.seed)) for t, rule in plan]
+    built = [(t.path, _build(t, rule, cfg.seed)) for t, rule in plan]
     paths = {_path(parts): parts for parts, _ in nnx.iter_modules(new)}
     for path, adapter in built:
         _replace(new, paths[path], adapter)
@@ -230,7 +264,7 @@ def set_alpha(model: nnx.Module, value: Any, *, pattern: str | None = None) -> i
         paths = [p for p, _ in iter_adapters(model)]
         raise NoMatchError(f"set_alpha(pattern={pattern!r}) matched no adapter; adapters: {paths or 'none'}")
     for _, adapter in selected:
-        adapter.alpha.value = alpha
+        adapter.alpha.value = stacked.alpha_value(alpha, stacked.layer_mask(adapter))
     return len(selected)
 
 
@@ -241,15 +275,11 @@ def merge_adapters(model: M) -> M:
     paths = {_path(parts): parts for parts, _ in nnx.iter_modules(new)}
     updates = []  # computed first: a failure leaves no half-merged copy behind
     for path, adapter in iter_adapters(new):
-        spec, info, base = adapter.spec, adapter.info, adapter.base
-        kernel_var = getattr(base, info.kernel)
-        bias_var = getattr(base, info.bias) if info.bias else None
-        kernel = spec.kernel_to_matrix(kernel_var[...]).astype(adapter.dtype)
-        bias = None if bias_var is None else spec.bias_to_matrix(bias_var[...]).astype(adapter.dtype)
-        new_kernel, new_bias = adapter.merged(kernel, bias)
-        updates.append((path, base, (kernel_var, spec.kernel_from_matrix(new_kernel))))
-        if bias_var is not None:
-            updates[-1] += ((bias_var, spec.bias_from_matrix(new_bias, bias_var.shape)),)
+        base, info = adapter.base, adapter.info
+        kernel, bias = stacked.merged_arrays(adapter)
+        updates.append((path, base, (getattr(base, info.kernel), kernel)))
+        if bias is not None:
+            updates[-1] += ((getattr(base, info.bias), bias),)
     for path, base, *assignments in updates:
         for var, value in assignments:
             var.value = value.astype(var.dtype)

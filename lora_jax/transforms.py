@@ -25,6 +25,7 @@ from flax import nnx
 from jaxtyping import Array, ArrayLike
 
 from lora_jax.adapter import ADAPTER_VARIABLES, AdapterParam, AdapterState, Alpha, as_alpha
+from lora_jax.stacked import LayerMask, alpha_value
 from lora_jax.surgery import NoMatchError, iter_adapters, merge_adapters
 from lora_jax.variants.lora import LoRA
 
@@ -65,10 +66,15 @@ def adapter_state(state: nnx.State) -> nnx.State:
 def set_alpha(state: nnx.State, value: ArrayLike, *, pattern: str | None = None) -> nnx.State:
     """Alpha set to ``value`` (a scalar or one value per input row) on all adapters or
     those whose path matches ``pattern``. A concrete NaN or inf is refused; under
-    ``jax.jit`` / ``jax.vmap`` the value is traced and cannot be checked."""
+    ``jax.jit`` / ``jax.vmap`` the value is traced and cannot be checked. A stacked adapter
+    (:mod:`lora_jax.stacked`) stores it once per layer times its ``LayerMask``, found
+    beside its alpha."""
     alpha = as_alpha(value)
     chosen = _alpha_paths(state, pattern, "set_alpha")
-    return _rebuild(state, lambda path, var: alpha if path in chosen else None)
+    masks = {path[:-1]: var[...] for path, var in nnx.to_flat_state(state) if isinstance(var, LayerMask)}
+    return _rebuild(
+        state, lambda path, var: alpha_value(alpha, masks.get(path[:-1])) if path in chosen else None
+    )
 
 
 def scale(state: nnx.State, factor: ArrayLike, *, pattern: str | None = None) -> nnx.State:

@@ -1,0 +1,175 @@
+"""Explicit-axis mesh checks, run by test_sharding.py in a subprocess on 8 simulated CPU
+devices (XLA_FLAGS must be set before jax is imported).
+
+The model is written the way Explicit-axis model code is written (bonsai style): every
+kernel carries its partition spec, and every base layer passes ``out_sharding`` to its
+own contraction. Two layouts: tensor parallel (heads and the MLP hidden axis over 'tp',
+batch over 'data') and FSDP (the model axis of every kernel and the batch over 'fsdp').
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import dataclasses
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import lora_jax as lj
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+D, HEADS, HEAD_DIM, FF = 16, 4, 4, 32
+EXPLICIT = (AxisType.Explicit, AxisType.Explicit)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Which mesh axis each logical axis lives on (None: replicated)."""
+
+    batch: str | None
+    embed: str | None
+    heads: str | None
+    hidden: str | None
+
+
+TP = Layout(batch="data", embed=None, heads="tp", hidden="tp")
+FSDP = Layout(batch="fsdp", embed="fsdp", heads=None, hidden=None)
+MESHES = {
+    "tp": (TP, ("data", "tp"), (4, 2)),
+    "fsdp": (FSDP, ("fsdp", "tp"), (8, 1)),
+}
+
+
+def partitioned(names, init=nnx.initializers.lecun_normal()):
+    return nnx.with_partitioning(init, names)
+
+
+class Attention(nnx.Module):
+    def __init__(self, layout: Layout, rngs: nnx.Rngs):
+        self.layout = layout
+        self.q_proj = nnx.Einsum(
+            "BTD,DNH->BTNH",
+            (D, HEADS, HEAD_DIM),
+            kernel_init=partitioned((layout.embed, layout.heads, None)),
+            rngs=rngs,
+        )
+        self.o_proj = nnx.Einsum(
+            "BTNH,NHD->BTD",
+            (HEADS, HEAD_DIM, D),
+            kernel_init=partitioned((layout.heads, None, layout.embed)),
+            rngs=rngs,
+        )
+
+    def __call__(self, x):
+        heads = self.q_proj(x, out_sharding=P(self.layout.batch, None, self.layout.heads, None))
+        return self.o_proj(jnp.tanh(heads), out_sharding=P(self.layout.batch, None, None))
+
+
+class Mlp(nnx.Module):
+    def __init__(self, layout: Layout, rngs: nnx.Rngs):
+        self.layout = layout
+        self.up_proj = nnx.Linear(
+            D,
+            FF,
+            kernel_init=partitioned((layout.embed, layout.hidden)),
+            bias_init=partitioned((layout.hidden,), nnx.initializers.normal(0.1)),
+            rngs=rngs,
+        )
+        self.down_proj = nnx.Linear(
+            FF, D, use_bias=False, kernel_init=partitioned((layout.hidden, layout.embed)), rngs=rngs
+        )
+
+    def __call__(self, x):
+        hidden = jax.nn.gelu(self.up_proj(x, out_sharding=P(self.layout.batch, None, self.layout.hidden)))
+        return self.down_proj(hidden, out_sharding=P(self.layout.batch, None, None))
+
+
+class Block(nnx.Module):
+    def __init__(self, layout: Layout, rngs: nnx.Rngs):
+        self.attn = Attention(layout, rngs)
+        self.mlp = Mlp(layout, rngs)
+
+    def __call__(self, x):
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+class Model(nnx.Module):
+    def __init__(self, layout: Layout, seed: int = 0):
+        rngs = nnx.Rngs(seed)
+        self.layout = layout
+        self.layers = nnx.List([Block(layout, rngs) for _ in range(2)])
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def mesh_for(name, n_devices=None):
+    layout, axes, shape = MESHES[name]
+    if n_devices == 1:  # the same axis names on one device: the single-device reference
+        return jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), axes, axis_types=EXPLICIT)
+    return jax.make_mesh(shape, axes, axis_types=EXPLICIT)
+
+
+LORA = lj.AdapterConfig(rules=(lj.Rule(pattern="proj", variant=lj.LoRAConfig(r=4, lora_alpha=8)),))
+ANTIPASTO = lj.AdapterConfig(
+    rules=(lj.Rule(pattern="proj", variant=lj.AntiPaSTOConfig(r=4, block_size=2, delta_s_init=1e-3)),)
+)
+
+
+def batch(layout):
+    x = jax.random.normal(jax.random.key(0), (8, 3, D))
+    x, y = jax.device_put(x, P(layout.batch)), jax.device_put(jnp.sin(x), P(layout.batch))
+    return x, y
+
+
+def train(model, layout, steps=5):
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=lj.AdapterParam)
+
+    @nnx.jit
+    def step(model, optimizer, x, y):
+        def loss_fn(m):
+            return jnp.mean((m(x) - y) ** 2)
+
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, lj.AdapterParam))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    x, y = batch(layout)
+    return [float(step(model, optimizer, x, y)) for _ in range(steps)]
+
+
+def check_training_matches_one_device():
+    for name in MESHES:
+        layout = MESHES[name][0]
+        for cfg in (LORA, ANTIPASTO):
+            with jax.set_mesh(mesh_for(name, 1)):
+                single = train(lj.apply_adapters(Model(layout), cfg), layout)
+            with jax.set_mesh(mesh_for(name)):
+                model = lj.apply_adapters(Model(layout), cfg)
+                sharded = train(model, layout)
+                up = model.layers[0].mlp.up_proj
+                assert up.base.kernel[...].sharding.spec == P(layout.embed, layout.hidden)
+            np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-7, err_msg=f"{name} {cfg}")
+            assert sharded[-1] < sharded[0], (name, sharded)
+            print(f"  {name} {cfg.rules[0].variant.name}: {sharded[0]:.6f} -> {sharded[-1]:.6f}", flush=True)
+
+
+if __name__ == "__main__":
+    assert jax.device_count() == 8, jax.devices()
+    for name, fn in sorted(globals().items()):
+        if name.startswith("check_"):
+            fn()
+            print("ok", name, flush=True)

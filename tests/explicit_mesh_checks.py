@@ -14,6 +14,7 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import dataclasses
+import sys
 import tempfile
 
 import jax
@@ -25,6 +26,8 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lora_jax as lj
+from lora_jax.checkpoint import restore, save
+from lora_jax.peft_format import export_peft, import_peft
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -167,9 +170,75 @@ def check_training_matches_one_device():
             print(f"  {name} {cfg.rules[0].variant.name}: {sharded[0]:.6f} -> {sharded[-1]:.6f}", flush=True)
 
 
+def nonzero(model):
+    """Adapters that do something: LoRA's output factor set off its zero init."""
+    for _, adapter in lj.iter_adapters(model):
+        b = adapter.lora_b[...]
+        adapter.lora_b.value = 0.1 + jnp.zeros_like(b)
+        assert adapter.lora_b[...].sharding == b.sharding
+    return model
+
+
+def check_merge_on_sharded_kernels():
+    for name in MESHES:
+        layout = MESHES[name][0]
+        with jax.set_mesh(mesh_for(name)):
+            model = nonzero(lj.apply_adapters(Model(layout), LORA))
+            lj.set_alpha(model, 0.5)
+            x, _ = batch(layout)
+            merged = lj.merge_adapters(model)
+            np.testing.assert_allclose(merged(x), model(x), rtol=1e-5, atol=1e-6)
+            base = Model(layout)
+            # every merged kernel and bias keeps the base model's sharding
+            new, old = nnx.to_flat_state(nnx.state(merged)), nnx.to_flat_state(nnx.state(base))
+            assert [p for p, _ in new] == [p for p, _ in old] and len(new) == 10, [p for p, _ in new]
+            for (path, a), (_, b) in zip(new, old, strict=True):
+                assert a[...].sharding == b[...].sharding, (name, path, a[...].sharding, b[...].sharding)
+            assert merged.layers[0].attn.q_proj.kernel[...].sharding.spec == P(layout.embed, layout.heads, None)
+            assert not np.allclose(merged.layers[0].attn.q_proj.kernel[...], base.layers[0].attn.q_proj.kernel[...])
+
+
+def expected_specs(layout):
+    """What apply_adapters gives LoRA's factors on each layout (d_in / d_out like the kernel)."""
+    return {
+        "layers.0.attn.q_proj": (P(layout.embed, None), P(None, layout.heads)),
+        "layers.0.attn.o_proj": (P(layout.heads, None), P(None, layout.embed)),
+        "layers.0.mlp.up_proj": (P(layout.embed, None), P(None, layout.hidden)),
+        "layers.0.mlp.down_proj": (P(layout.hidden, None), P(None, layout.embed)),
+    }
+
+
+def assert_lora_specs(model, layout):
+    for path, (spec_a, spec_b) in expected_specs(layout).items():
+        adapter = dict(lj.iter_adapters(model))[path]
+        got = (adapter.lora_a[...].sharding.spec, adapter.lora_b[...].sharding.spec)
+        assert got == (spec_a, spec_b), (path, got, (spec_a, spec_b))
+        assert adapter.lora_a[...].sharding.mesh.shape == dict(jax.sharding.get_abstract_mesh().shape)
+
+
+def check_import_peft_and_restore_onto_a_sharded_base():
+    for name in MESHES:
+        layout = MESHES[name][0]
+        with tempfile.TemporaryDirectory() as tmp, jax.set_mesh(mesh_for(name)):
+            model = lj.apply_adapters(Model(layout), LORA)
+            train(model, layout, steps=2)
+            x, _ = batch(layout)
+            expect = np.asarray(model(x))
+            assert_lora_specs(model, layout)
+            export_peft(f"{tmp}/peft", model, hf_name=lambda path: path)
+            save(f"{tmp}/ckpt", model)
+            for loaded in (
+                import_peft(f"{tmp}/peft", Model(layout), hf_name=lambda path: path),
+                restore(f"{tmp}/ckpt", Model(layout)),
+            ):
+                assert_lora_specs(loaded, layout)
+                np.testing.assert_allclose(loaded(x), expect, rtol=1e-5, atol=1e-6)
+
+
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.devices()
+    only = sys.argv[1:]  # names of checks to run by hand; all by default
     for name, fn in sorted(globals().items()):
-        if name.startswith("check_"):
+        if name.startswith("check_") and (not only or name in only):
             fn()
             print("ok", name, flush=True)

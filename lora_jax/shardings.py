@@ -30,7 +30,16 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array
 
-__all__ = ["einsum", "einsum_out_names", "explicit_names", "merged_names", "reshape", "split_names", "whole_matrices"]
+__all__ = [
+    "einsum",
+    "einsum_out_names",
+    "explicit_names",
+    "like",
+    "merged_names",
+    "reshape",
+    "split_names",
+    "whole_matrices",
+]
 
 Names = tuple[Any, ...]  # one entry per array axis: None, a mesh-axis name or a tuple of them
 
@@ -80,7 +89,8 @@ def split_names(entry: Any, sizes: Sequence[int], mesh_shape: dict[str, int]) ->
     out: list[Any] = []
     for size in sizes:
         mine: list[str] = []
-        while rest and size % (math.prod(mesh_shape[a] for a in mine) * mesh_shape[rest[0]]) == 0:
+        # (an axis of length one takes no mesh axis, not even one of a single device)
+        while rest and size > 1 and size % (math.prod(mesh_shape[a] for a in mine) * mesh_shape[rest[0]]) == 0:
             mine.append(rest.pop(0))
         shards = math.prod(mesh_shape[a] for a in mine)
         if rest and shards != size:  # the remaining mesh axes would stride, not block
@@ -153,14 +163,32 @@ def whole_matrices(m: Array) -> Array:
     return jax.sharding.reshard(m, _named(m, (*names[:-2], None, None)))
 
 
+def like(v: Array, x: Array) -> Array:
+    """``v``, which broadcasts against ``x``, sharded like ``x`` on the axes they share
+    (Explicit axes refuse to broadcast two differently sharded axes against each other);
+    its length-one axes are replicated."""
+    names = explicit_names(x)
+    if names is None:
+        return v
+    lead = x.ndim - v.ndim
+    target = tuple(None if v.shape[k] == 1 else names[lead + k] for k in range(v.ndim))
+    return v if explicit_names(v) == target else jax.sharding.reshard(v, _named(x, target))
+
+
 def einsum_out_names(equation: str, *operand_names: Names | None) -> Names:
     """Mesh axes of an einsum's output from its operands' (see the module rules)."""
     inputs, out = equation.replace(" ", "").split("->")
     by_letter: dict[str, Any] = {}
+    n_ellipsis = 0
     for letters, names in zip(inputs.split(","), operand_names, strict=True):
+        if "..." in letters:  # stand-in letters for the '...' axes, aligned from the right
+            n = (len(names) if names is not None else 0) - (len(letters) - 3)
+            n_ellipsis = max(n_ellipsis, n)
+            letters = letters.replace("...", "".join(chr(0x100 + n - k) for k in range(n)))
         for c, n in zip(letters, names or (None,) * len(letters), strict=True):
             if by_letter.get(c) is None:
                 by_letter[c] = n
+    out = out.replace("...", "".join(chr(0x100 + n_ellipsis - k) for k in range(n_ellipsis)))
     used: set[str] = set()
     result = []
     for c in out:

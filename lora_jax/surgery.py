@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import jax.numpy as jnp
 from flax import nnx
 
+from lora_jax import shardings
 from lora_jax.adapter import Adapter, Target
 from lora_jax.config import AdapterConfig, Rule
 from lora_jax.views import UnsupportedLayerError, spec_of, view_of
@@ -210,7 +211,7 @@ def merge_adapters(model: M) -> M:
         if bias_var is not None:
             updates[-1] += ((bias_var, spec.bias_from_matrix(new_bias, bias_var.shape)),)
     for path, base, *assignments in updates:
-        for var, value in assignments:
-            var.value = value.astype(var.dtype)
+        for var, value in assignments:  # on Explicit mesh axes: back on the layer's own sharding
+            var.value = shardings.like(value.astype(var.dtype), var[...])
         _replace(new, paths[path], base)
     return new

@@ -214,13 +214,17 @@ class EinsumSpec:
         moved = jnp.transpose(split, [letters.index(c) for c in present])
         return shardings.reshape(moved, [split.shape[letters.index(c)] if c in letters else 1 for c in target])
 
-    def in_broadcast(self, v: Float[Array, "*batch d_in"], ndim: int) -> Array:
+    # ``like``: the activation the result multiplies; on Explicit mesh axes the result
+    # takes its sharding (:func:`lora_jax.shardings.like`).
+    def in_broadcast(self, v: Float[Array, "*batch d_in"], ndim: int, like: Array | None = None) -> Array:
         letters = self.batch + self.contracted
-        return self._broadcast(v, letters, self._sizes(letters), self.layout(ndim).lhs)
+        out = self._broadcast(v, letters, self._sizes(letters), self.layout(ndim).lhs)
+        return out if like is None else shardings.like(out, like)
 
-    def out_broadcast(self, v: Float[Array, "*batch d_out"], ndim: int) -> Array:
+    def out_broadcast(self, v: Float[Array, "*batch d_out"], ndim: int, like: Array | None = None) -> Array:
         letters = self.batch + self.output
-        return self._broadcast(v, letters, self._sizes(letters), self.layout(ndim).out)
+        out = self._broadcast(v, letters, self._sizes(letters), self.layout(ndim).out)
+        return out if like is None else shardings.like(out, like)
 
     def rank_broadcast(self, v: Float[Array, "*batch k"], ndim: int) -> Array:
         lay = self.layout(ndim)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 import lora_jax as lj
@@ -53,7 +53,10 @@ MESHES = {
 }
 
 
-def partitioned(names, init=nnx.initializers.lecun_normal()):
+LECUN = nnx.initializers.lecun_normal()
+
+
+def partitioned(names, init=LECUN):
     return nnx.with_partitioning(init, names)
 
 
@@ -120,7 +123,7 @@ class Model(nnx.Module):
 
 
 def mesh_for(name, n_devices=None):
-    layout, axes, shape = MESHES[name]
+    _, axes, shape = MESHES[name]
     if n_devices == 1:  # the same axis names on one device: the single-device reference
         return jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), axes, axis_types=EXPLICIT)
     return jax.make_mesh(shape, axes, axis_types=EXPLICIT)

@@ -196,8 +196,9 @@ class ShortSpecAttention(nnx.Module):
 
     def __init__(self, seed=0):
         rngs = nnx.Rngs(seed)
-        self.q_proj = nnx.Einsum("BTD,DNH->BTNH", (D, HEADS, HEAD_DIM), kernel_init=sharded_init((None, "model")), rngs=rngs)
-        self.o_proj = nnx.Einsum("BTNH,NHD->BTD", (HEADS, HEAD_DIM, D), kernel_init=sharded_init(("model",)), rngs=rngs)
+        q_shape, o_shape = (D, HEADS, HEAD_DIM), (HEADS, HEAD_DIM, D)
+        self.q_proj = nnx.Einsum("BTD,DNH->BTNH", q_shape, kernel_init=sharded_init((None, "model")), rngs=rngs)
+        self.o_proj = nnx.Einsum("BTNH,NHD->BTD", o_shape, kernel_init=sharded_init(("model",)), rngs=rngs)
 
     def __call__(self, x):
         return x + self.o_proj(jnp.tanh(self.q_proj(x)))

@@ -26,6 +26,8 @@ def test_split_names_put_mesh_axes_on_the_leading_axes():
     assert shardings.split_names(("tp", "data"), (2, 8), MESH) == ("tp", "data")
     assert shardings.split_names(("fsdp", "tp"), (16, 4), MESH) == (("fsdp", "tp"), None)
     assert shardings.split_names(None, (4, 4), MESH) == (None, None)
+    # broadcasting a vector: the length-one axes take no mesh axis, even a one-device one
+    assert shardings.split_names("one", (1, 1, 4, 4), {"one": 1}) == (None, None, "one", None)
     # 8 shards cannot be blocks of a leading axis of 4: no layout without a gather
     assert shardings.split_names("fsdp", (4, 4), MESH) is None
 
@@ -47,6 +49,12 @@ def test_einsum_out_names_first_operand_wins_and_no_mesh_axis_twice():
         None,
     )
     assert shardings.einsum_out_names("BTD,Dr->BTr", None, (None, None)) == (None, None, None)
+    # '...' stands for the leading axes of each operand
+    assert shardings.einsum_out_names("...dr,...ds->...rs", ("tp", "fsdp", None), ("tp", "fsdp", None)) == (
+        "tp",
+        None,
+        None,
+    )
 
 
 def test_plain_arrays_pass_through_unchanged():

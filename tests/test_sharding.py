@@ -24,7 +24,7 @@ def _run(script: str) -> str:
     return proc.stdout
 
 
-@pytest.mark.parametrize(("script", "n_checks"), [("sharded_checks.py", 6), ("explicit_mesh_checks.py", 3)])
+@pytest.mark.parametrize(("script", "n_checks"), [("sharded_checks.py", 6), ("explicit_mesh_checks.py", 4)])
 def test_sharded_checks(script, n_checks):
     out = _run(script)
     assert out.count("ok check_") == n_checks, out

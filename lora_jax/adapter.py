@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, ArrayLike, Float
 
-from lora_jax import projections
+from lora_jax import projections, shardings
 from lora_jax.views import EinsumSpec, ViewInfo
 
 __all__ = [
@@ -103,7 +103,8 @@ class Target:
         return None if self.info.bias is None else getattr(self.module, self.info.bias)[...]
 
     def kernel_matrix(self, dtype: Any) -> Float[Array, "*batch d_in d_out"]:
-        return self.spec.kernel_to_matrix(self.kernel).astype(dtype)
+        """The kernel as matrices, whole on every device (for an init's decompositions)."""
+        return shardings.whole_matrices(self.spec.kernel_to_matrix(self.kernel)).astype(dtype)
 
     def key(self, seed: int) -> jax.Array:
         """A key that depends only on the seed and the layer's path, so re-applying a
@@ -149,8 +150,15 @@ def shard_spec(spec: EinsumSpec, kernel_names: tuple[Any, ...], axes: str) -> tu
     ``d_in`` is the flattening of the contracted kernel axes (``d_out`` of the output
     axes); it can keep their sharding only when the sharded axes come first (a sharded
     inner axis is not a contiguous block of the flat axis), else it is replicated.
+    ``kernel_names`` may be shorter than the kernel's rank (JAX reads a short partition
+    spec as replicated on the remaining axes, e.g. ``P(None, "model")`` on a 3-D kernel).
     """
-    by_letter = dict(zip(spec.kernel, kernel_names, strict=True))
+    if len(kernel_names) > len(spec.kernel):
+        raise ValueError(
+            f"partition spec {kernel_names} has more entries than the kernel {spec.kernel_shape} has axes"
+        )
+    padded = tuple(kernel_names) + (None,) * (len(spec.kernel) - len(kernel_names))
+    by_letter = dict(zip(spec.kernel, padded, strict=True))
 
     def flat(letters: str) -> Any:
         names = [by_letter[c] for c in letters]

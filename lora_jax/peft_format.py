@@ -40,6 +40,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -414,5 +415,6 @@ def import_peft(path: str | Path, base_model: M, *, hf_name: Callable[[str], str
                     f"{path}: {nnx_path}.{attr} needs shape {tuple(var.shape)} but the file gives {array.shape} "
                     f"(module {hf_name(nnx_path)!r}); check hf_name and the kernel's d_in/d_out order"
                 )
-            var.value = jnp.asarray(array, var.dtype)
+            # Onto the sharding apply_adapters gave this array (the kernel's, on a mesh).
+            var.value = jax.device_put(np.asarray(array, dtype=var.dtype), var[...].sharding)
     return model

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from lora_jax import shardings
 from lora_jax.views import EinsumSpec
 
 __all__ = ["project_back", "project_in", "project_out"]
@@ -64,7 +65,7 @@ def _pinned_transpose(m: Array, letters: str, order: str) -> Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _product(p: _Product, act: Array, factor: Array) -> Array:
-    return jnp.einsum(f"{p.act},{p.factor}->{p.out}", act, factor)
+    return shardings.einsum(f"{p.act},{p.factor}->{p.out}", act, factor)
 
 
 def _product_fwd(p: _Product, act: Array, factor: Array) -> tuple[Array, tuple[Array, Array]]:
@@ -78,15 +79,20 @@ def _product_bwd(p: _Product, res: tuple[Array, Array], g: Array) -> tuple[Array
     contracted = "".join(c for c in p.factor if c not in p.act)
     rest = "".join(c for c in p.factor if c in p.act and c not in p.batch)
     factor_t = p.batch + contracted + rest
-    d_act = jnp.einsum(f"{p.out},{factor_t}->{p.act}", g, _pinned_transpose(factor, p.factor, factor_t))
+    # On Explicit mesh axes each gradient takes the sharding of its primal.
+    act_names, factor_names = shardings.explicit_names(act), shardings.explicit_names(factor)
+    d_act = shardings.einsum(
+        f"{p.out},{factor_t}->{p.act}", g, _pinned_transpose(factor, p.factor, factor_t), act_names
+    )
     # dFactor = sum over tokens of (rank-space operand) x (wide operand): the rank-space
     # one (tokens x k, small) is transposed to (batch, k, tokens); the wide one is read as is.
     small, small_letters, wide, wide_letters = (g, p.out, act, p.act) if p.rank in p.out else (act, p.act, g, p.out)
     small_t = p.batch + p.rank + p.free
     dense = "".join(c for c in p.factor if c not in p.batch + p.rank)
     d_letters = p.batch + p.rank + dense
-    d_factor = jnp.einsum(
-        f"{small_t},{wide_letters}->{d_letters}", _pinned_transpose(small, small_letters, small_t), wide
+    d_names = None if factor_names is None else tuple(factor_names[p.factor.index(c)] for c in d_letters)
+    d_factor = shardings.einsum(
+        f"{small_t},{wide_letters}->{d_letters}", _pinned_transpose(small, small_letters, small_t), wide, d_names
     )
     d_factor = _pinned_transpose(d_factor, d_letters, p.factor)
     return d_act.astype(act.dtype), d_factor.astype(factor.dtype)
@@ -102,7 +108,7 @@ def _project(spec: EinsumSpec, ndim: int, act: Array, matrix: Array, side: str, 
     p = _Product(getattr(lay, src), letters, getattr(lay, dst), lay.rank, spec.batch)
     if custom_vjp:
         return _product(p, act, factor)
-    return jnp.einsum(f"{p.act},{p.factor}->{p.out}", act, factor)
+    return shardings.einsum(f"{p.act},{p.factor}->{p.out}", act, factor)
 
 
 def project_in(spec: EinsumSpec, x: Array, matrix: Float[Array, "*batch d_in k"], *, custom_vjp: bool = True) -> Array:

@@ -17,6 +17,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from lora_jax import shardings
+
 __all__ = ["gate_power", "hra_basis", "hra_coefficients", "hra_coords", "hra_rotation", "road_apply", "road_columns"]
 
 
@@ -87,7 +89,7 @@ def hra_coords(
     m = h0.shape[-1] // 2
 
     def run(order: range) -> Array:
-        g = jnp.zeros(h0.shape, jnp.result_type(h0, a))
+        g = jnp.zeros_like(h0, jnp.result_type(h0, a))  # zeros_like: h0's sharding too
         for k in order:
             pair = slice(2 * k, 2 * k + 2)
             p = h0[..., pair] + jnp.einsum("...r,...rk->...k", g, gram[..., :, pair])
@@ -111,7 +113,7 @@ def hra_rotation(u: Float[Array, "*b d r"], alpha: Array) -> Float[Array, "*b d 
 
 # -- ROAD -------------------------------------------------------------------------------
 def _halves(v: Array, group: int) -> Array:
-    return v.reshape(*v.shape[:-1], -1, 2, group // 2)
+    return shardings.reshape(v, (*v.shape[:-1], -1, 2, group // 2))
 
 
 def road_columns(

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from flax import nnx
 
-from lora_jax import ragged, stacked
+from lora_jax import ragged, shardings, stacked
 from lora_jax.adapter import Adapter, Target, as_alpha
 from lora_jax.config import AdapterConfig, Rule
 from lora_jax.layer_kinds import SUPPORTED_TYPES, describe, owns_params
@@ -281,7 +281,7 @@ def merge_adapters(model: M) -> M:
         if bias is not None:
             updates[-1] += ((getattr(base, info.bias), bias),)
     for path, base, *assignments in updates:
-        for var, value in assignments:
-            var.value = value.astype(var.dtype)
+        for var, value in assignments:  # on Explicit mesh axes: back on the layer's own sharding
+            var.value = shardings.like(value.astype(var.dtype), var[...])
         _replace(new, paths[path], base)
     return new

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
+from lora_jax import shardings
+
 __all__ = ["EinsumSpec", "UnsupportedLayerError", "ViewInfo", "register_view", "view_of"]
 
 
@@ -170,11 +172,11 @@ class EinsumSpec:
     def kernel_to_matrix(self, kernel: Array) -> Float[Array, "*batch d_in d_out"]:
         order = self.batch + self.contracted + self.output
         matrix = jnp.transpose(kernel, [self.kernel.index(c) for c in order])
-        return matrix.reshape(*self.batch_shape, self.d_in, self.d_out)
+        return shardings.reshape(matrix, (*self.batch_shape, self.d_in, self.d_out))
 
     def kernel_from_matrix(self, matrix: Float[Array, "*batch d_in d_out"]) -> Array:
         order = self.batch + self.contracted + self.output
-        split = matrix.reshape(self._sizes(order))
+        split = shardings.reshape(matrix, self._sizes(order))
         return jnp.transpose(split, [order.index(c) for c in self.kernel])
 
     @property
@@ -184,14 +186,15 @@ class EinsumSpec:
 
     def bias_to_matrix(self, bias: Array) -> Float[Array, "*batch d_out"]:
         letters = self._bias_letters
-        split = bias.reshape(self._sizes(letters))
+        split = shardings.reshape(bias, self._sizes(letters))
         order = self.batch + self.output
-        return jnp.transpose(split, [letters.index(c) for c in order]).reshape(*self.batch_shape, self.d_out)
+        moved = jnp.transpose(split, [letters.index(c) for c in order])
+        return shardings.reshape(moved, (*self.batch_shape, self.d_out))
 
     def bias_from_matrix(self, matrix: Float[Array, "*batch d_out"], bias_shape: tuple[int, ...]) -> Array:
         order, letters = self.batch + self.output, self._bias_letters
-        split = matrix.reshape(self._sizes(order))
-        return jnp.transpose(split, [order.index(c) for c in letters]).reshape(bias_shape)
+        split = shardings.reshape(matrix, self._sizes(order))
+        return shardings.reshape(jnp.transpose(split, [order.index(c) for c in letters]), bias_shape)
 
     # -- factor matrices in the kernel's own layout (lora_jax.projections uses these) ------
     def factor_view(self, matrix: Array, rank: str, side: str) -> tuple[Array, str]:
@@ -200,24 +203,28 @@ class EinsumSpec:
         names the k axis)."""
         if side == "in":
             shape = (*self.batch_shape, *self._sizes(self.contracted), matrix.shape[-1])
-            return matrix.reshape(shape), self.batch + self.contracted + rank
+            return shardings.reshape(matrix, shape), self.batch + self.contracted + rank
         shape = (*self.batch_shape, matrix.shape[-2], *self._sizes(self.output))
-        return matrix.reshape(shape), self.batch + rank + self.output
+        return shardings.reshape(matrix, shape), self.batch + rank + self.output
 
     def _broadcast(self, v: Array, letters: str, sizes: tuple[int, ...], target: str) -> Array:
         """Reshape ``v`` (axes ``letters``) so it broadcasts against layout ``target``."""
-        split = v.reshape(sizes)
+        split = shardings.reshape(v, sizes)
         present = [c for c in target if c in letters]
         moved = jnp.transpose(split, [letters.index(c) for c in present])
-        return moved.reshape([split.shape[letters.index(c)] if c in letters else 1 for c in target])
+        return shardings.reshape(moved, [split.shape[letters.index(c)] if c in letters else 1 for c in target])
 
-    def in_broadcast(self, v: Float[Array, "*batch d_in"], ndim: int) -> Array:
+    # ``like``: the activation the result multiplies; on Explicit mesh axes the result
+    # takes its sharding (:func:`lora_jax.shardings.like`).
+    def in_broadcast(self, v: Float[Array, "*batch d_in"], ndim: int, like: Array | None = None) -> Array:
         letters = self.batch + self.contracted
-        return self._broadcast(v, letters, self._sizes(letters), self.layout(ndim).lhs)
+        out = self._broadcast(v, letters, self._sizes(letters), self.layout(ndim).lhs)
+        return out if like is None else shardings.like(out, like)
 
-    def out_broadcast(self, v: Float[Array, "*batch d_out"], ndim: int) -> Array:
+    def out_broadcast(self, v: Float[Array, "*batch d_out"], ndim: int, like: Array | None = None) -> Array:
         letters = self.batch + self.output
-        return self._broadcast(v, letters, self._sizes(letters), self.layout(ndim).out)
+        out = self._broadcast(v, letters, self._sizes(letters), self.layout(ndim).out)
+        return out if like is None else shardings.like(out, like)
 
     def rank_broadcast(self, v: Float[Array, "*batch k"], ndim: int) -> Array:
         lay = self.layout(ndim)
@@ -229,19 +236,19 @@ class EinsumSpec:
         lay = self.layout(x.ndim)
         order = self.batch + lay.free + self.contracted
         moved = jnp.transpose(x, [lay.lhs.index(c) for c in order])
-        return moved.reshape(*moved.shape[: len(self.batch) + len(lay.free)], self.d_in)
+        return shardings.reshape(moved, (*moved.shape[: len(self.batch) + len(lay.free)], self.d_in))
 
     def out_to_matrix(self, y: Array, ndim: int) -> Float[Array, "*batch rows d_out"]:
         """Output layout -> ``(*batch, *free, d_out)`` (a transpose where the layout needs one)."""
         lay = self.layout(ndim)
         order = self.batch + lay.free + self.output
         moved = jnp.transpose(y, [lay.out.index(c) for c in order])
-        return moved.reshape(*moved.shape[: len(self.batch) + len(lay.free)], self.d_out)
+        return shardings.reshape(moved, (*moved.shape[: len(self.batch) + len(lay.free)], self.d_out))
 
     def out_from_matrix(self, m: Array, ndim: int) -> Array:
         lay = self.layout(ndim)
         order = self.batch + lay.free + self.output
-        split = m.reshape(*m.shape[:-1], *self._sizes(self.output))
+        split = shardings.reshape(m, (*m.shape[:-1], *self._sizes(self.output)))
         return jnp.transpose(split, [order.index(c) for c in lay.out])
 
     def rows(self, a: Float[Array, " rows"], target: str, ndim: int) -> Array:
@@ -257,7 +264,7 @@ class EinsumSpec:
                 "so a per-row alpha has no rows to act on; use a scalar alpha"
             )
         layout = lay.out if target == "out" else lay.hidden
-        return a.reshape([a.shape[0] if c == row else 1 for c in layout])
+        return shardings.reshape(a, [a.shape[0] if c == row else 1 for c in layout])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -190,6 +190,38 @@ def check_eva_calibration_on_8_data_shards_equals_single_device():
         assert cos.min() >= 0.999, (path, cos)
 
 
+class ShortSpecAttention(nnx.Module):
+    """3-D attention kernels given the 2-entry spec ``P(None, "model")`` (JAX pads a short
+    spec with replicated axes; flax's miniGPT example writes its kernels this way)."""
+
+    def __init__(self, seed=0):
+        rngs = nnx.Rngs(seed)
+        q_shape, o_shape = (D, HEADS, HEAD_DIM), (HEADS, HEAD_DIM, D)
+        self.q_proj = nnx.Einsum("BTD,DNH->BTNH", q_shape, kernel_init=sharded_init((None, "model")), rngs=rngs)
+        self.o_proj = nnx.Einsum("BTNH,NHD->BTD", o_shape, kernel_init=sharded_init(("model",)), rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.o_proj(jnp.tanh(self.q_proj(x)))
+
+
+def check_short_partition_specs_apply_train_merge():
+    with nnx.use_eager_sharding(False):
+        single = train(lj.apply_adapters(ShortSpecAttention(), CFG))
+    with jax.set_mesh(MESH):
+        model = lj.apply_adapters(ShortSpecAttention(), CFG)
+        q, o = model.q_proj, model.o_proj
+        assert q.base.kernel.get_metadata()["out_sharding"] == (None, "model")
+        assert (q.lora_a[...].sharding.spec, q.lora_b[...].sharding.spec) == (P(None, None), P(None, "model"))
+        assert (o.lora_a[...].sharding.spec, o.lora_b[...].sharding.spec) == (P("model", None), P(None, None))
+        sharded = train(model, shard_data=NamedSharding(MESH, P("data")))
+        x = jax.device_put(data(0)[0], NamedSharding(MESH, P("data")))
+        merged = lj.merge_adapters(model)
+        np.testing.assert_allclose(merged(x), model(x), rtol=1e-5, atol=1e-6)
+        assert merged.q_proj.kernel[...].sharding.spec == q.base.kernel[...].sharding.spec
+    np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-7)
+    assert sharded[-1] < sharded[0], sharded
+
+
 if __name__ == "__main__":
     assert jax.device_count() == 8, jax.devices()
     for name, fn in sorted(globals().items()):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from lora_jax import shardings
 from lora_jax.adapter import Target
 
 
@@ -38,8 +39,9 @@ def dense_kernel(variant: str, target: Target, dtype: Any) -> Float[Array, "*bat
             f"array, and {variant} reads the dense weights at init; dequantize the layer first (or register a "
             "view whose kernel attribute is the float weight), or use lora, which never reads the kernel"
         )
-    # The decompositions run in at least fp32 even for a bf16 adapter.
-    return target.spec.kernel_to_matrix(kernel).astype(jnp.promote_types(dtype, jnp.float32))
+    # The decompositions run in at least fp32 even for a bf16 adapter, on whole matrices.
+    matrix = shardings.whole_matrices(target.spec.kernel_to_matrix(kernel))
+    return matrix.astype(jnp.promote_types(dtype, jnp.float32))
 
 
 def check_dropout(variant: str, p: float) -> None:

@@ -82,7 +82,7 @@ class DeLoRA(Adapter):
         h = x.astype(self.dtype)
         if self.dropout is not None:
             h = self.dropout(h)
-        h = self.project_in(h * self.spec.in_broadcast(self.w_norm[...], x.ndim), self.lora_a[...])
+        h = self.project_in(h * self.spec.in_broadcast(self.w_norm[...], x.ndim, like=h), self.lora_a[...])
         h = h * (self.spec.rank_broadcast(self._rank_scale(), x.ndim) * self.alpha_for("hidden", x.ndim))
         return y + self.project_out(h, self.lora_b[...], x.ndim).astype(y.dtype)
 

@@ -81,8 +81,8 @@ class DoRA(Adapter):
         xw = y.astype(self.dtype)
         if self.info.bias is not None:
             bias = self.spec.bias_to_matrix(getattr(self.base, self.info.bias)[...])
-            xw = xw - self.spec.out_broadcast(bias.astype(self.dtype), x.ndim)
-        gain = self.spec.out_broadcast(self._gain(self._kernel()), x.ndim)
+            xw = xw - self.spec.out_broadcast(bias.astype(self.dtype), x.ndim, like=xw)
+        gain = self.spec.out_broadcast(self._gain(self._kernel()), x.ndim, like=xw)
         h = self.project_in(x.astype(self.dtype), self.lora_a[...]) * self.config.scale
         delta = (gain - 1) * xw + gain * self.project_out(h, self.lora_b[...], x.ndim)
         return y + (self.alpha_for("out", x.ndim) * delta).astype(y.dtype)

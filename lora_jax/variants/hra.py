@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float
 
+from lora_jax import shardings
 from lora_jax.adapter import Adapter, AdapterParam, Target, VariantConfig
 from lora_jax.rotations import hra_basis, hra_coefficients, hra_coords, hra_rotation, safe_norm
 
@@ -68,7 +69,7 @@ class HRA(Adapter):
         """``hra_coords`` with the per-pair tensors shaped like ``h0`` (batch + rows + rank)."""
         ones = (1,) * (h0.ndim - len(self.spec.batch_shape) - 1)
         lift = lambda v: v.reshape(*v.shape[:-1], *ones, v.shape[-1])
-        gram = jnp.einsum("...dr,...ds->...rs", basis, basis)
+        gram = shardings.einsum("...dr,...ds->...rs", basis, basis)
         gram = gram.reshape(*gram.shape[:-2], *ones, *gram.shape[-2:])
         return hra_coords(h0, gram, hra_coefficients(lift(n_delta), lift(n_sigma), alpha), alpha)
 
@@ -79,8 +80,9 @@ class HRA(Adapter):
         return call_base((h + self.project_back(g, basis, x.ndim)).astype(x.dtype))
 
     def merged(self, kernel, bias):
-        rotation = hra_rotation(self.hra_u[...], self.scalar_alpha())
-        return jnp.einsum("...ed,...eo->...do", rotation, kernel), bias
+        # The dense rotation is built whole on every device (a one-off, d_in x d_in).
+        rotation = hra_rotation(shardings.whole_matrices(self.hra_u[...]), self.scalar_alpha())
+        return shardings.einsum("...ed,...eo->...do", rotation, kernel), bias
 
 
 def hra_orthogonality_penalty(model: nnx.Module, *, weight: float = 1e-4) -> Float[Array, ""]:

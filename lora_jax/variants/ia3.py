@@ -47,7 +47,7 @@ class IA3(Adapter):
 
     def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:
         y = call_base(x)
-        gate = gate_power(self.spec.out_broadcast(self.ia3_l[...], x.ndim), self.alpha_for("out", x.ndim))
+        gate = gate_power(self.spec.out_broadcast(self.ia3_l[...], x.ndim, like=y), self.alpha_for("out", x.ndim))
         return (y.astype(self.dtype) * gate).astype(y.dtype)
 
     def merged(self, kernel, bias):

@@ -47,7 +47,7 @@ class IA3FF(Adapter):
         alpha = self.alpha_for("out", x.ndim)  # validates a per-row alpha against this layout
         if alpha.ndim:  # one value per row: rows are the input's first axis
             alpha = alpha.reshape(-1, *(1,) * (x.ndim - 1))
-        gate = gate_power(self.spec.in_broadcast(self.ia3_l[...], x.ndim), alpha)
+        gate = gate_power(self.spec.in_broadcast(self.ia3_l[...], x.ndim, like=x), alpha)
         return call_base((x.astype(self.dtype) * gate).astype(x.dtype))
 
     def merged(self, kernel, bias):

@@ -39,11 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm import tqdm
 
 from lora_jax import AdapterConfig, AdapterParam, AntiPaSTOConfig, LoRAConfig, Rule, apply_adapters, set_alpha
 from lora_jax.checkpoint import restore, save
 from lora_jax.models import ByteTokenizer, Qwen3, load_hf, load_tokenizer, tiny_config
+from lora_jax.progress import Progress
 from lora_jax.select import select_dimensions
 from lora_jax.steering import format_table, plot_sweep, sweep, sweep_metrics
 
@@ -235,15 +235,14 @@ def run(argv=None) -> dict:
     fixed_loss = nnx.jit(lambda m, b: loss_fn(m, b)[0])
     loss_before = float(fixed_loss(model, fixed))
     losses, t0 = [], time.perf_counter()
-    bar = tqdm(range(args.steps), desc="train", disable=None)
-    for i in bar:
-        idx = rng.choice(n_train, bsz, replace=False)
-        rows = np.concatenate([idx, idx + n_train])  # the pairs' chosen rows, then their rejected rows
-        batch = {k: v[rows] for k, v in train.items()}
-        loss, aux = step(model, optimizer, batch)
-        losses.append(float(loss))
-        if i % 10 == 0 or i == args.steps - 1:
-            bar.set_postfix({k: f"{float(v):.3f}" for k, v in {"loss": loss, **aux}.items()})
+    with Progress("train", args.steps, unit="steps") as bar:  # a line every 10 s, in a terminal and in a log
+        for _ in range(args.steps):
+            idx = rng.choice(n_train, bsz, replace=False)
+            rows = np.concatenate([idx, idx + n_train])  # the pairs' chosen rows, then their rejected rows
+            batch = {k: v[rows] for k, v in train.items()}
+            loss, aux = step(model, optimizer, batch)
+            losses.append(float(loss))
+            bar.update(loss=loss, **aux)
     train_s = time.perf_counter() - t0
     loss_after = float(fixed_loss(model, fixed))
 

@@ -13,11 +13,13 @@ import re
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from lora_jax.adapter import Adapter, Target
 from lora_jax.config import AdapterConfig, Rule
+from lora_jax.progress import Progress
 from lora_jax.views import UnsupportedLayerError, spec_of, view_of
 
 __all__ = [
@@ -160,7 +162,14 @@ def apply_adapters(model: M, cfg: AdapterConfig) -> M:
         raise TypeError(f"apply_adapters needs an AdapterConfig, got {type(cfg).__name__}")
     new = nnx.clone(model)
     plan = find_targets(new, cfg)
-    built = [(t.path, rule.variant.build(t, seed=cfg.seed)) for t, rule in plan]
+    built = []
+    # SVD-based inits (PiSSA, AntiPaSTO) over many layers take minutes on a CPU: say how far it got
+    with Progress("apply_adapters", len(plan), unit="layers") as bar:
+        for t, rule in plan:
+            built.append((t.path, rule.variant.build(t, seed=cfg.seed)))
+            if bar.due():  # count layers computed, not merely dispatched
+                jax.block_until_ready(nnx.state(built[-1][1]))
+            bar.update()
     paths = {_path(parts): parts for parts, _ in nnx.iter_modules(new)}
     for path, adapter in built:
         _replace(new, paths[path], adapter)

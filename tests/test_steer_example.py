@@ -12,8 +12,13 @@ def _load_example():
     return types.SimpleNamespace(**runpy.run_path(str(Path(__file__).parents[1] / "examples" / "steer.py")))
 
 
-def test_steer_example_trains_a_monotone_steering_direction(tmp_path):
+def test_steer_example_trains_a_monotone_steering_direction(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("LORA_JAX_PROGRESS", "1e-9")  # a progress line at every step
     result = _load_example().run(["--quick", "--out", str(tmp_path)])
+    err = capfd.readouterr().err.splitlines()  # a pipe, not a terminal: the training must not be silent
+    train_lines = [line for line in err if line.startswith("train ")]
+    assert len(train_lines) == len(result["losses"]) + 1 and train_lines[-1].endswith("done)"), err[-5:]
+    assert train_lines[0].startswith("train 1/") and ", loss " in train_lines[0], train_lines[0]
     assert np.isfinite(result["losses"]).all()
     assert result["loss_after"] < 0.95 * result["loss_before"], (result["loss_before"], result["loss_after"])
     for name in ("held-out", "train"):

@@ -137,7 +137,7 @@ class Progress:
         timing = _duration(now - self.start)
         if final is not None:
             timing += f", {final}"
-        elif self.total is not None and self._first is not None and self.n > self._first[0]:
+        elif self.total is not None and self._first is not None and self._first[0] < self.n < self.total:
             rate = (self.n - self._first[0]) / max(now - self._first[1], 1e-9)
             timing += f", about {_duration(max(self.total - self.n, 0) / rate)} left"
         return f"{head}{', ' + info if info else ''} ({timing})"

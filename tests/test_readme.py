@@ -4,7 +4,8 @@ docs and the code cannot drift apart.
 - ```python blocks: each runs alone, in a fresh namespace (the rule a reader can rely on:
   copy any one block into a file and it runs), all of them in one subprocess in a
   temporary working directory so files they write do not litter the repository. The
-  subprocess sees 8 simulated CPU devices, for the device-mesh block.
+  subprocess sees 8 simulated CPU devices, for the device-mesh block, and compiles with
+  XLA's backend optimizations off (tiny models: compile time is the cost).
 - ```bash blocks cannot all run here: ``bash scripts/demo.sh`` and ``bash scripts/test.sh``
   install packages and run the example / this whole suite (recursion, minutes). Instead
   every command line is checked for what can drift: the script or example it names
@@ -51,6 +52,14 @@ def test_parser_finds_blocks_lines_and_headings():
         code_blocks("# A\n\n```python\nx = 1\n")
 
 
+# 8 CPU devices for the mesh block; the blocks' models are tiny, so XLA's backend
+# optimizations cost more compile time than they save (this halves the blocks' CPU time).
+BLOCK_XLA_FLAGS = (
+    "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+    "--xla_llvm_disable_expensive_passes=true"
+)
+
+
 def test_every_python_block_runs(tmp_path):
     blocks = _blocks("python")
     assert len(blocks) >= 8, "the README lost its code blocks?"
@@ -60,7 +69,7 @@ def test_every_python_block_runs(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "readme_blocks.py"), str(README), "--report", str(report)],
         cwd=work,
-        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+        env=_env(XLA_FLAGS=BLOCK_XLA_FLAGS),
         capture_output=True,
         text=True,
         timeout=900,

@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm import tqdm
 
 import lora_jax as lj
 from lora_jax.checkpoint import restore, save
 from lora_jax.models import ByteTokenizer, Qwen3, generate, load_hf, load_tokenizer, tiny_config, to_hf_name
 from lora_jax.peft_format import CODECS, export_peft
+from lora_jax.progress import Progress
 
 CORPUS = Path(__file__).with_name("data") / "tiny_corpus.txt"
 DEFAULT_PATTERN = r"(q|k|v|o|gate|up|down)_proj"
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--sample-tokens", type=int, default=60, help="greedy sample length after training (0: none)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--out", default="finetune_out", help="where the adapter checkpoint and PEFT files go")
     return p.parse_args(argv)
 
@@ -131,14 +131,14 @@ def main(argv: list[str] | None = None) -> dict:
     history = {"initial_eval_loss": float(eval_loss(model, eval_ids, eval_mask)), "eval": [], "train": []}
     history["ranks"] = {path: getattr(a.config, "r", None) for path, a in lj.iter_adapters(model)}
     start = time.perf_counter()
-    bar = tqdm(range(1, args.steps + 1), desc="finetune", disable=args.quiet)
-    for step in bar:
-        rows = rng.choice(len(train_ids), size=args.batch_size, replace=False)
-        loss = float(train_step(model, optimizer, jnp.asarray(train_ids[rows]), jnp.asarray(train_mask[rows])))
-        history["train"].append(loss)
-        if step % args.eval_every == 0 or step == args.steps:
-            history["eval"].append((step, float(eval_loss(model, eval_ids, eval_mask))))
-        bar.set_postfix(loss=f"{loss:.3f}", eval=f"{history['eval'][-1][1]:.3f}" if history["eval"] else "-")
+    with Progress("finetune", args.steps, unit="steps", enabled=not args.quiet) as bar:  # a line every 10 s
+        for step in range(1, args.steps + 1):
+            rows = rng.choice(len(train_ids), size=args.batch_size, replace=False)
+            loss = float(train_step(model, optimizer, jnp.asarray(train_ids[rows]), jnp.asarray(train_mask[rows])))
+            history["train"].append(loss)
+            if step % args.eval_every == 0 or step == args.steps:
+                history["eval"].append((step, float(eval_loss(model, eval_ids, eval_mask))))
+            bar.update(loss=loss, eval=history["eval"][-1][1] if history["eval"] else "-")
     history["seconds"] = time.perf_counter() - start
     history["final_eval_loss"] = history["eval"][-1][1] if history["eval"] else history["initial_eval_loss"]
     print(

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from tqdm import trange
 
 import lora_jax as lj
+from lora_jax.progress import Progress
 
 
 class Block(nnx.Module):
@@ -77,10 +77,12 @@ def train(steps: int = 300, lr: float = 1e-2, rank: int = 4, seed: int = 0, prog
     key = jax.random.key(seed + 2)
     losses = []
     start = time.perf_counter()
-    for _ in trange(steps, desc="train", disable=not progress):
-        key, sub = jax.random.split(key)
-        x = jax.random.normal(sub, (16, 8, 32))
-        losses.append(float(step(model, optimizer, x, teacher(x))))
+    with Progress("train", steps, unit="steps", enabled=progress) as bar:  # a line every 10 s, also in a log
+        for _ in range(steps):
+            key, sub = jax.random.split(key)
+            x = jax.random.normal(sub, (16, 8, 32))
+            losses.append(float(step(model, optimizer, x, teacher(x))))
+            bar.update(loss=losses[-1])
     seconds = time.perf_counter() - start
 
     after = jax.tree.map(np.asarray, nnx.state(model, nnx.All(nnx.Param, nnx.Not(lj.AdapterParam))))

@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, Float, PyTree
-from tqdm.auto import tqdm
 
 from lora_jax.adapter import Adapter, Target
 from lora_jax.layer_kinds import describe
+from lora_jax.progress import Progress
 from lora_jax.surgery import _path, _replace
 from lora_jax.views import spec_of
 
@@ -134,6 +134,8 @@ def collect_statistics(
     the row, 0 = padding); it runs traced, so it must be pure jax. ``mask(batch)`` gives
     a mask over the leading free axes of every layer's input (``None``: all rows count).
     ``until(stats)``, if given, is checked after each batch; True stops early.
+    Long calibrations write a progress line (``desc``) at most every 10 s to stderr
+    (``lora_jax.progress``).
     The model runs in eval mode (no dropout) on a clone; ``model`` is left unchanged.
     With ``check_finite`` (the default) a statistic holding NaN or inf at the end raises
     a ValueError naming its layers: the calibration data drove the model to non-finite
@@ -159,13 +161,16 @@ def collect_statistics(
     session = _Session(copy, shared_mask)
     n_batches = 0
     total = len(batches) if hasattr(batches, "__len__") else None
-    with tqdm(batches, desc=desc, total=total, leave=False) as bar:
-        for batch in bar:
+    with Progress(desc, total, unit="batches") as bar:
+        for batch in batches:
             batch_mask = jnp.ones((), jnp.float32) if mask is None else jnp.asarray(mask(batch), jnp.float32)
             _step(session, batch, batch_mask, forward)
             n_batches += 1
+            if bar.due():  # count batches computed, not merely dispatched
+                jax.block_until_ready([r.stat.get_value() for r in recorders.values()])
+            bar.update()
             if until is not None and until({p: r.stat.get_value() for p, r in recorders.items()}):
-                bar.set_postfix_str("converged")
+                bar.close(note="converged")
                 break
     if n_batches == 0:
         raise ValueError("collect_statistics: no calibration data (batches was empty); pass at least one batch")

@@ -216,7 +216,7 @@ def eva_init(model: nnx.Module, cfg: AdapterConfig, batches: Iterable[Any], **ca
     Keywords as :func:`eva_plan`: ``forward(model, batch)`` runs the model (default
     ``model(batch)``); ``mask(batch)`` marks real tokens (1) and padding (0) over the
     leading axes of the layers' inputs, e.g. the attention mask; ``desc`` labels the
-    progress bar. Rules of ``cfg`` with other variants are applied as usual. The
+    progress lines. Rules of ``cfg`` with other variants are applied as usual. The
     caller's model is not changed. For the allocated ranks and the config that rebuilds
     the model (for checkpoints), call :func:`eva_plan` then :func:`apply_eva_plan`.
     """

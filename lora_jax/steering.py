@@ -38,7 +38,7 @@ from lora_jax.adapter import as_alpha
 from lora_jax.surgery import NoMatchError, iter_adapters
 from lora_jax.transforms import set_alpha
 
-__all__ = ["sweep", "sweep_metrics", "SweepMetrics", "format_table", "plot_sweep"]
+__all__ = ["sweep", "sweep_metrics", "SweepMetrics", "format_table", "plot_sweep", "sweep_figure"]
 
 MODES = ("vmap", "rows")
 
@@ -261,27 +261,36 @@ def format_table(m: SweepMetrics) -> str:
     return "\n".join(lines)
 
 
-def plot_sweep(m: SweepMetrics, path: str, *, title: str = "steering sweep") -> str:
-    """Effect (left axis) and KL / TV cost (right axis) against alpha, written as a PNG."""
+def sweep_figure(m: SweepMetrics, *, title: str = "steering sweep") -> Any:
+    """A matplotlib ``Figure``: the effect and its linear fit against alpha (top); the cost
+    (bottom): KL(base‖α) in nats with the KL budget on the left axis, TV distance (0 to 1,
+    no unit) on a right axis of its own. Every line is in a legend."""
     # A bare Figure on the Agg canvas: no pyplot, so the caller's backend is left alone.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6, 4), dpi=100)
+    fig = Figure(figsize=(6, 6), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.plot(m.alphas, m.effect, "o-", color="tab:blue", label="effect")
-    ax.plot(m.alphas, m.slope * m.alphas + m.intercept, ":", color="tab:blue", label=f"fit (R² {m.r2:.2f})")
-    ax.set_xlabel("alpha")
-    ax.set_ylabel("effect", color="tab:blue")
-    cost = ax.twinx()
-    cost.plot(m.alphas, m.kl, "s--", color="tab:red", label="KL(base‖α)")
-    cost.plot(m.alphas, m.tv, "^--", color="tab:orange", label="TV")
-    cost.axhline(m.kl_budget, color="tab:red", lw=0.5)
-    cost.set_ylabel("cost", color="tab:red")
-    handles = ax.get_legend_handles_labels()[0] + cost.get_legend_handles_labels()[0]
-    ax.legend(handles, [h.get_label() for h in handles], loc="upper left", fontsize=8)
-    ax.set_title(title)
+    top, kl_ax = fig.subplots(2, 1, sharex=True)
+    top.plot(m.alphas, m.effect, "o-", color="tab:blue", label="effect")
+    top.plot(m.alphas, m.slope * m.alphas + m.intercept, ":", color="tab:blue", label=f"linear fit (R² {m.r2:.2f})")
+    top.set_ylabel("effect")
+    top.set_title(title)
+    top.legend(loc="best", fontsize=8)
+    kl_ax.plot(m.alphas, m.kl, "s--", color="tab:red", label="KL(base‖α)")
+    kl_ax.axhline(m.kl_budget, color="tab:red", lw=0.8, ls=":", label=f"KL budget ({m.kl_budget:g} nats)")
+    kl_ax.set_ylabel("KL(base‖α) [nats]", color="tab:red")
+    kl_ax.set_xlabel("alpha")
+    tv_ax = kl_ax.twinx()
+    tv_ax.plot(m.alphas, m.tv, "^--", color="tab:orange", label="TV distance")
+    tv_ax.set_ylabel("TV distance [0-1]", color="tab:orange")
+    handles = kl_ax.get_legend_handles_labels()[0] + tv_ax.get_legend_handles_labels()[0]
+    kl_ax.legend(handles, [h.get_label() for h in handles], loc="upper center", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    return fig
+
+
+def plot_sweep(m: SweepMetrics, path: str, *, title: str = "steering sweep") -> str:
+    """Write :func:`sweep_figure` as a PNG at ``path``; returns ``path``."""
+    sweep_figure(m, title=title).savefig(path)
     return path

@@ -13,12 +13,14 @@ import re
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
+import jax
 from flax import nnx
 
 from lora_jax import ragged, shardings, stacked
 from lora_jax.adapter import Adapter, Target, as_alpha
 from lora_jax.config import AdapterConfig, Rule
 from lora_jax.layer_kinds import SUPPORTED_TYPES, describe, owns_params
+from lora_jax.progress import Progress
 from lora_jax.variants import VARIANTS
 from lora_jax.views import UnsupportedLayerError, spec_of
 
@@ -233,7 +235,14 @@ def apply_adapters(model: M, cfg: AdapterConfig) -> M:
         raise TypeError(f"apply_adapters needs an AdapterConfig, got {type(cfg).__name__}")
     new = nnx.clone(model)
     plan = find_targets(new, cfg)
-    built = [(t.path, _build(t, rule, cfg.seed)) for t, rule in plan]
+    built = []
+    # SVD-based inits (PiSSA, AntiPaSTO) over many layers take minutes on a CPU: say how far it got
+    with Progress("apply_adapters", len(plan), unit="layers") as bar:
+        for t, rule in plan:
+            built.append((t.path, _build(t, rule, cfg.seed)))
+            if bar.due():  # count layers computed, not merely dispatched
+                jax.block_until_ready(nnx.state(built[-1][1]))
+            bar.update()
     paths = {_path(parts): parts for parts, _ in nnx.iter_modules(new)}
     for path, adapter in built:
         _replace(new, paths[path], adapter)

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from lora_jax import AdapterConfig, LoRAConfig, NoMatchError, Rule, apply_adapters, iter_adapters, set_alpha
-from lora_jax.steering import format_table, plot_sweep, sweep, sweep_metrics
+from lora_jax.steering import format_table, plot_sweep, sweep, sweep_figure, sweep_metrics
 
 ALPHAS = jnp.linspace(-2.0, 2.0, 16)
 
@@ -165,6 +165,26 @@ def test_plot_writes_png(tmp_path):
     path = plot_sweep(m, str(tmp_path / "sweep.png"))
     data = open(path, "rb").read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_plot_labels_every_line_and_gives_kl_and_tv_their_own_axes():
+    logprobs = np.stack([_two_way(p) for p in (0.3, 0.5, 0.7)])
+    m = sweep_metrics([-1.0, 0.0, 1.0], [-1.0, 0.0, 1.5], logprobs, kl_budget=0.05)
+    fig = sweep_figure(m, title="t")
+    effect_ax, kl_ax, tv_ax = fig.axes  # the effect panel; below it KL (left) and its twin TV axis (right)
+    assert effect_ax.get_ylabel() == "effect" and effect_ax.get_title() == "t"
+    assert "nats" in kl_ax.get_ylabel() and "KL" in kl_ax.get_ylabel()
+    assert "TV" in tv_ax.get_ylabel() and tv_ax.get_shared_x_axes().joined(tv_ax, kl_ax)
+    assert kl_ax.get_xlabel() == "alpha"
+    for ax, legend_ax in ((effect_ax, effect_ax), (kl_ax, kl_ax), (tv_ax, kl_ax)):
+        drawn = [line.get_label() for line in ax.get_lines()]
+        shown = [t.get_text() for t in legend_ax.get_legend().get_texts()]
+        assert drawn and set(drawn) <= set(shown), (drawn, shown)  # no line is missing from a legend
+    assert "KL budget (0.05 nats)" in [t.get_text() for t in kl_ax.get_legend().get_texts()]
+    budget = next(line for line in kl_ax.get_lines() if "budget" in line.get_label())
+    assert np.allclose(budget.get_ydata(), 0.05)
+    np.testing.assert_allclose(tv_ax.get_lines()[0].get_ydata(), m.tv)  # TV is on the TV axis, not the KL one
+    np.testing.assert_allclose(kl_ax.get_lines()[0].get_ydata(), m.kl)
 
 
 def test_sweep_modes_agree_on_qwen3_with_antipasto():

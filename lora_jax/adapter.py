@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import inspect
 import zlib
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -123,6 +124,9 @@ class VariantConfig(abc.ABC):
     """
 
     name: ClassVar[str]
+    # The layer kinds (views.ViewInfo.kind) this variant's math is written for; a rule
+    # that gives it a layer of another kind is refused by name before anything is built.
+    layer_kinds: ClassVar[frozenset[str]] = frozenset({"einsum"})
     dtype: str = "float32"
     custom_vjp: bool = True
 
@@ -173,6 +177,36 @@ class Adapter(nnx.Module):
     @property
     def dtype(self) -> Any:
         return jnp.dtype(self.config.dtype)
+
+    def __getattr__(self, name: str) -> Any:
+        """Read through to the wrapped layer: model code that inspects its layers
+        (``self.o_proj.kernel.shape``, ``.in_features``) keeps working after surgery.
+
+        Python calls this only for names the adapter itself lacks, so the adapter's own
+        attributes (``base``, ``config``, ``alpha``, ``dtype``, the variant's weights)
+        win. Names starting with ``_`` are never forwarded (copy, pickle and NNX's graph
+        code probe those), nor is anything while ``base`` is not set yet (an adapter
+        being rebuilt by ``nnx.merge``). The wrapped layer's methods are refused, since
+        calling one would run the layer without its adapter. Reads only: assigning
+        ``adapter.kernel = ...`` sets an attribute on the adapter, not on the layer.
+        """
+        base = None if name.startswith("_") else vars(self).get("base")
+        if base is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        try:
+            value = getattr(base, name)
+        except AttributeError:
+            raise AttributeError(
+                f"{type(self).__name__!r} object has no attribute {name!r}, nor has the "
+                f"{type(base).__name__} it wraps"
+            ) from None
+        if inspect.ismethod(value) and value.__self__ is base:
+            raise AttributeError(
+                f"{name!r} is a method of the wrapped {type(base).__name__}; through the "
+                f"{type(self).__name__} adapter it would run the layer without the adapter. Call "
+                f"adapter.base.{name} for the bare layer, or merge_adapters first"
+            )
+        return value
 
     def variable(self, var_type: type[nnx.Variable], value: Array, axes: str) -> nnx.Variable:
         """A new adapter Variable laid out like the base kernel, for sharded models.

@@ -27,8 +27,9 @@ from jaxtyping import Array, Float, PyTree
 from tqdm.auto import tqdm
 
 from lora_jax.adapter import Adapter, Target
+from lora_jax.layer_kinds import describe
 from lora_jax.surgery import _path, _replace
-from lora_jax.views import spec_of, view_of
+from lora_jax.views import spec_of
 
 __all__ = ["collect_statistics", "moments_init", "moments_update"]
 
@@ -87,14 +88,21 @@ class _Session(nnx.Module):
 
 def _target_at(path: str, module: nnx.Module) -> Target:
     if isinstance(module, Adapter):  # record what the adapter sees; it runs as it is
-        return Target(path, module.base, module.info, module.spec)
-    info = view_of(module)
-    if info is None:
+        target = Target(path, module.base, module.info, module.spec)
+    else:
+        info = describe(module)
+        if info is None:
+            raise ValueError(
+                f"collect_statistics: {path!r} is a {type(module).__name__}, not an adaptable layer; pass "
+                "paths as find_targets or iter_adapters report them"
+            )
+        target = Target(path, module, info, spec_of(module, info))
+    if target.info.kind != "einsum":  # a conv's rows are patches, an embedding's one-hot ids
         raise ValueError(
-            f"collect_statistics: {path!r} is a {type(module).__name__}, not an adaptable layer; pass "
-            "paths as find_targets or iter_adapters report them"
+            f"collect_statistics: {path!r} is a layer of kind {target.info.kind!r}; input statistics are "
+            "collected for einsum layers (Linear, LinearGeneral, Einsum) only"
         )
-    return Target(path, module, info, spec_of(module, info))
+    return target
 
 
 @nnx.jit(static_argnums=3)

@@ -12,7 +12,10 @@ contracted axes and output axes each flattened in the kernel's axis order. The t
 ``nn.Linear`` that computes the same map on the flattened input has ``weight = matrix.T``
 ``(d_out, d_in)``, so ``lora_A.weight = A.T (r, d_in)`` and ``lora_B.weight = B.T (d_out, r)``.
 Kernel-batch axes (MoE experts, per-head kernels) have no ``nn.Linear`` counterpart and
-are rejected.
+are rejected. LoRA on an ``nnx.Conv`` is written as PEFT's Conv LoRA (``lora_A.weight``
+``(r, c_in, *window)``, ``lora_B.weight`` ``(c_out, r, 1, ...)``), on an ``nnx.Embed`` as
+its Embedding LoRA (``lora_embedding_A`` ``(r, vocab)``, ``lora_embedding_B``
+``(features, r)``).
 
 Each variant plugs in with one :class:`PeftCodec` in ``CODECS`` (keyed by variant name):
 its PEFT type, the config flags that identify it on import (``use_dora``), which config
@@ -43,9 +46,9 @@ from flax import nnx
 
 from lora_jax.adapter import Adapter, VariantConfig
 from lora_jax.config import AdapterConfig, Rule
+from lora_jax.layer_kinds import describe
 from lora_jax.surgery import apply_adapters, iter_adapters
 from lora_jax.variants import VARIANTS
-from lora_jax.views import view_of
 
 __all__ = ["CODECS", "PeftCodec", "PeftFormatError", "export_peft", "import_peft"]
 
@@ -68,7 +71,9 @@ class PeftCodec:
     ``from_peft=None`` for an export-only conversion (PiSSA is written as LoRA).
     ``member_of`` names the PEFT config list that marks this codec's layers (IA3's
     ``feedforward_modules``). ``folds_alpha``: the codec writes the delta at the current
-    alpha; otherwise export needs alpha = 1, since PEFT has no alpha.
+    alpha; otherwise export needs alpha = 1, since PEFT has no alpha. ``alt_suffixes``:
+    the tensor set a layer may have instead (LoRA on an embedding: ``lora_embedding_A`` /
+    ``lora_embedding_B``).
     """
 
     peft_type: str
@@ -79,6 +84,7 @@ class PeftCodec:
     from_peft: Callable[[Mapping[str, Any], Mapping[str, np.ndarray]], tuple[VariantConfig, dict]] | None
     member_of: str | None = None
     folds_alpha: bool = False
+    alt_suffixes: tuple[str, ...] = ()
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -93,8 +99,15 @@ def _lora_entries(cfg: Any) -> dict[str, Any]:
 
 def _lora_to_peft(adapter: Adapter) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     # The delta is linear in alpha, so alpha goes into B.
-    b = adapter.lora_b[...] * adapter.scalar_alpha()
-    return _lora_entries(adapter.config), {"lora_A.weight": _numpy(adapter.lora_a[...]).T, "lora_B.weight": _numpy(b).T}
+    a, b = _numpy(adapter.lora_a[...]), _numpy(adapter.lora_b[...] * adapter.scalar_alpha())
+    kind, shape = adapter.info.kind, adapter.spec.kernel_shape
+    if kind == "embed":  # PEFT's Embedding LoRA: lora_embedding_A (r, vocab), lora_embedding_B (features, r)
+        return _lora_entries(adapter.config), {"lora_embedding_A": a.T, "lora_embedding_B": b.T}
+    if kind == "conv":  # torch conv weights: A (r, c_in, *window), B a 1x1 conv (c_out, r, 1, ...)
+        a = np.moveaxis(a.reshape(*shape[:-1], a.shape[-1]), (-1, -2), (0, 1))
+        b = b.T.reshape(*b.T.shape, *(1,) * (len(shape) - 2))
+        return _lora_entries(adapter.config), {"lora_A.weight": a, "lora_B.weight": b}
+    return _lora_entries(adapter.config), {"lora_A.weight": a.T, "lora_B.weight": b.T}
 
 
 def _pissa_to_peft(adapter: Adapter) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -121,8 +134,15 @@ def _low_rank(variant: str, cfg: Mapping[str, Any], a: np.ndarray, *, keep_dropo
 
 
 def _lora_from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[VariantConfig, dict]:
-    a, b = tensors["lora_A.weight"].T, tensors["lora_B.weight"].T
-    return _low_rank("lora", cfg, a, keep_dropout=True), {"lora_a": a, "lora_b": b}
+    if "lora_embedding_A" in tensors:
+        a, b = tensors["lora_embedding_A"].T, tensors["lora_embedding_B"].T
+    else:  # a conv's (r, c_in, *window) / (c_out, r, 1, ...) become the (d_in, r) / (r, c_out) matrices
+        a, b = tensors["lora_A.weight"], tensors["lora_B.weight"]
+        a = np.moveaxis(a, (0, 1), (-1, -2)).reshape(-1, a.shape[0]) if a.ndim > 2 else a.T
+        b = b.reshape(b.shape[:2]).T
+    # An embedding's input is ids, which PEFT's dropout never touches: dropped there.
+    keep_dropout = "lora_embedding_A" not in tensors
+    return _low_rank("lora", cfg, a, keep_dropout=keep_dropout), {"lora_a": a, "lora_b": b}
 
 
 def _dora_to_peft(adapter: Adapter) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -161,6 +181,7 @@ CODECS: dict[str, PeftCodec] = {
         to_peft=_lora_to_peft,
         from_peft=_lora_from_peft,
         folds_alpha=True,
+        alt_suffixes=("lora_embedding_A", "lora_embedding_B"),
     ),
     # EVA is LoRA with a data-driven init; PEFT saves it as a LoRA too.
     "eva": PeftCodec(
@@ -347,7 +368,8 @@ def import_peft(path: str | Path, base_model: M, *, hf_name: Callable[[str], str
             f"{path / CONFIG}: peft_type {config.get('peft_type')!r} is not supported "
             f"(supported: {', '.join(readable)})"
         )
-    suffixes = {s for c in _codecs().values() if c.peft_type == config.get("peft_type") for s in c.suffixes}
+    codecs = [c for c in _codecs().values() if c.peft_type == config.get("peft_type")]
+    suffixes = {s for c in codecs for s in (*c.suffixes, *c.alt_suffixes)}
     groups: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     for key, value in _read_weights(path).items():
         suffix = next((s for s in suffixes if key.endswith("." + s)), None)
@@ -357,7 +379,7 @@ def import_peft(path: str | Path, base_model: M, *, hf_name: Callable[[str], str
     by_name: dict[str, str] = {}
     for parts, module in nnx.iter_modules(base_model):
         nnx_path = ".".join(str(p) for p in parts)
-        name = hf_name(nnx_path) if parts and view_of(module) is not None else None
+        name = hf_name(nnx_path) if parts and describe(module) is not None else None
         if name in groups:
             if name in by_name:
                 raise PeftFormatError(f"hf_name maps both {by_name[name]!r} and {nnx_path!r} to {name!r}")
@@ -368,10 +390,9 @@ def import_peft(path: str | Path, base_model: M, *, hf_name: Callable[[str], str
     rules, values = [], {}
     for name, nnx_path in sorted(by_name.items(), key=lambda item: item[1]):
         codec = _codec_for(config, name)
-        if set(groups[name]) != set(codec.suffixes):
-            raise PeftFormatError(
-                f"{path}: module {name!r} has tensors {sorted(groups[name])}, expected {sorted(codec.suffixes)}"
-            )
+        if set(groups[name]) not in ({*codec.suffixes}, {*codec.alt_suffixes}):
+            expected = " or ".join(str(sorted(s)) for s in (codec.suffixes, codec.alt_suffixes) if s)
+            raise PeftFormatError(f"{path}: module {name!r} has tensors {sorted(groups[name])}, expected {expected}")
         layer = dict(config)
         for key, pattern_name in codec.patterns.items():
             patterns = config.get(pattern_name) or {}

@@ -17,7 +17,9 @@ from flax import nnx
 
 from lora_jax.adapter import Adapter, Target, as_alpha
 from lora_jax.config import AdapterConfig, Rule
-from lora_jax.views import UnsupportedLayerError, spec_of, view_of
+from lora_jax.layer_kinds import SUPPORTED_TYPES, describe, owns_params
+from lora_jax.variants import VARIANTS
+from lora_jax.views import UnsupportedLayerError, spec_of
 
 __all__ = [
     "apply_adapters",
@@ -58,6 +60,9 @@ class _Candidate:
     parts: tuple[Any, ...]
     target: Target | None
     error: ValueError | None  # why it is not adaptable (unsupported einsum, already adapted)
+    # A module of a type no view covers that holds parameters itself (a norm, a custom
+    # layer): a rule that matches only such modules is told so instead of "no match".
+    unsupported_type: str | None = None
 
 
 def _candidates(model: nnx.Module) -> list[_Candidate]:
@@ -69,8 +74,10 @@ def _candidates(model: nnx.Module) -> list[_Candidate]:
             found.append(_Candidate(parts, None, AlreadyAdaptedError("it is already adapted")))
             continue
         try:
-            info = view_of(module)
+            info = describe(module)
             if info is None:
+                if parts and owns_params(module):
+                    found.append(_Candidate(parts, None, None, unsupported_type=_type_name(module)))
                 continue
             target = Target(_path(parts), module, info, spec_of(module, info))
         except UnsupportedLayerError as err:
@@ -82,7 +89,11 @@ def _candidates(model: nnx.Module) -> list[_Candidate]:
     def is_inside(c: _Candidate) -> bool:
         return any(c.parts[: len(a)] == a and c.parts != a for a in adapter_paths)
 
-    return [dataclasses.replace(c, target=None, error=inside_error) if is_inside(c) else c for c in found]
+    return [
+        dataclasses.replace(c, target=None, error=inside_error) if is_inside(c) else c
+        for c in found
+        if not (c.unsupported_type is not None and is_inside(c))
+    ]
 
 
 def _infer_d_model(targets: list[Target]) -> int:
@@ -117,17 +128,28 @@ def find_targets(model: nnx.Module, cfg: AdapterConfig) -> list[tuple[Target, Ru
     claimed: set[str] = set()
     for i, rule in enumerate(cfg.rules):
         n_matched = 0
+        unsupported: list[str] = []
         for c in candidates:
             path = _path(c.parts)
             if path in claimed or not _rule_matches(rule, path, c.target, d_model):
+                continue
+            if c.unsupported_type is not None:
+                unsupported.append(f"{path!r} ({c.unsupported_type})")
                 continue
             if c.error is not None:
                 raise type(c.error)(
                     f"rule {i} (pattern {rule.pattern!r}) matched {path!r}, which cannot be adapted: {c.error}"
                 )
+            _check_kind(i, rule, c.target)
             claimed.add(path)
             chosen.append((c.target, rule))
             n_matched += 1
+        if n_matched == 0 and unsupported:
+            raise UnsupportedLayerError(
+                f"rule {i} (pattern {rule.pattern!r}) matched only layers of a type lora_jax cannot adapt: "
+                f"{', '.join(unsupported[:10])}{' ...' if len(unsupported) > 10 else ''}. Supported: "
+                f"{SUPPORTED_TYPES}. Narrow the pattern, or register_view a type that is a linear map"
+            )
         if n_matched == 0:
             listing = ", ".join(t.path for t in adaptable[:40]) + (" ..." if len(adaptable) > 40 else "")
             raise NoMatchError(
@@ -136,6 +158,24 @@ def find_targets(model: nnx.Module, cfg: AdapterConfig) -> list[tuple[Target, Ru
                 f"Adaptable layers ({len(adaptable)}, d_model={d_model}): {listing or 'none'}"
             )
     return chosen
+
+
+def _type_name(module: nnx.Module) -> str:
+    cls = type(module)
+    return f"nnx.{cls.__qualname__}" if cls.__module__.startswith("flax.nnx") else cls.__qualname__
+
+
+def _check_kind(i: int, rule: Rule, target: Target) -> None:
+    """A variant gets only the layer kinds its math is written for (see layer_kinds)."""
+    kind, variant = target.info.kind, rule.variant
+    if kind in variant.layer_kinds:
+        return
+    able = sorted(name for name, cls in VARIANTS.items() if kind in cls.layer_kinds)
+    raise UnsupportedLayerError(
+        f"rule {i} (pattern {rule.pattern!r}) gives {target.path!r}, a {type(target.module).__name__} "
+        f"({kind} layer), to {variant.name}, which adapts only {sorted(variant.layer_kinds)} layers. "
+        f"Variants that adapt {kind} layers: {able}; or exclude the layer from this rule"
+    )
 
 
 def _replace(model: nnx.Module, parts: tuple[Any, ...], new: nnx.Module) -> None:

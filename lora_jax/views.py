@@ -266,12 +266,16 @@ class ViewInfo:
 
     ``kernel`` and ``bias`` name the module's ``nnx.Param`` attributes (``bias=None``
     when it has none); ``input_arg`` is the position of the activation in ``__call__``.
+    ``kind`` says what the equation's input is: ``"einsum"`` the layer's input itself;
+    ``"conv"`` each input patch and ``"embed"`` the one-hot of the input ids
+    (:mod:`lora_jax.layer_kinds`; only the variants that list the kind adapt it).
     """
 
     equation: str
     kernel: str = "kernel"
     bias: str | None = None
     input_arg: int = 0
+    kind: str = "einsum"
 
 
 _USER_VIEWS: dict[type, Callable[[nnx.Module], ViewInfo]] = {}

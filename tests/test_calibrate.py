@@ -127,3 +127,21 @@ def test_errors():
         collect_statistics(nnx.Sequential(MLP(nnx.Rngs(0))), _batches(1, (3, 6)), paths=["layers.0"], **kw)
     with pytest.raises(ValueError, match=r"the mask has shape \(4,\)"):
         collect_statistics(model, _batches(1, (3, 6)), paths=["up"], mask=lambda b: jnp.ones(4), **kw)
+
+
+def test_conv_and_embed_layers_are_refused():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(9, 6, rngs=rngs)
+            self.conv = nnx.Conv(6, 4, (3,), rngs=rngs)
+
+        def __call__(self, ids):
+            return self.conv(self.embed(ids))
+
+    adapted = apply_adapters(Net(nnx.Rngs(0)), AdapterConfig(rules=(Rule(pattern="conv", variant=LoRAConfig(r=2)),)))
+    ids = [jnp.zeros((2, 5), jnp.int32)]
+    kw = dict(init=_sums_init, update=_sums_update)
+    with pytest.raises(ValueError, match="'conv' is a layer of kind 'conv'; input statistics are collected for einsum"):
+        collect_statistics(adapted, ids, paths=["conv"], **kw)
+    with pytest.raises(ValueError, match="'embed' is a layer of kind 'embed'"):
+        collect_statistics(adapted, ids, paths=["embed"], **kw)

@@ -248,3 +248,47 @@ def test_bf16_base_keeps_dtype_with_fp32_adapter():
     assert adapted(x).dtype == jnp.bfloat16
     bf16 = lj.apply_adapters(Wrapped(layer), cfg(dict(pattern="layer", variant=lj.LoRAConfig(r=2, dtype="bfloat16"))))
     assert bf16.layer.lora_a[...].dtype == jnp.bfloat16
+
+
+class NormedBlock(nnx.Module):
+    """A block with norms and a custom layer that holds its weight itself (no view)."""
+
+    class Scale(nnx.Module):
+        def __init__(self, d):
+            self.w = nnx.Param(jnp.ones((d,)))
+
+        def __call__(self, x):
+            return x * self.w[...]
+
+    def __init__(self, d=16, seed=0):
+        rngs = nnx.Rngs(seed)
+        self.attn_norm = nnx.LayerNorm(d, rngs=rngs)
+        self.q_proj = nnx.Linear(d, d, rngs=rngs)
+        self.q_norm = nnx.RMSNorm(d, rngs=rngs)
+        self.gate = NormedBlock.Scale(d)
+
+    def __call__(self, x):
+        return self.gate(self.q_norm(self.q_proj(self.attn_norm(x))))
+
+
+def test_rule_matching_only_unsupported_types_names_them():
+    model = NormedBlock()
+    before = jax.tree.map(np.asarray, nnx.state(model))
+    with pytest.raises(
+        lj.UnsupportedLayerError,
+        match=r"matched only layers of a type lora_jax cannot adapt: 'attn_norm' \(nnx.LayerNorm\), "
+        r"'q_norm' \(nnx.RMSNorm\)\. Supported: nnx.Linear, .*nnx.Conv.*nnx.Embed.*register_view",
+    ):
+        lj.apply_adapters(model, cfg(dict(pattern="norm", variant=LORA)))
+    with pytest.raises(lj.UnsupportedLayerError, match=r"'gate' \(NormedBlock.Scale\).*register_view"):
+        lj.apply_adapters(model, cfg(dict(pattern="gate", variant=LORA)))
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)
+    # a pattern that also matches an adaptable layer adapts it and passes over the norms,
+    # as a container path does
+    assert paths(lj.apply_adapters(model, cfg(dict(pattern="q_", variant=LORA)))) == ["q_proj"]
+    assert paths(lj.apply_adapters(Tiny(), cfg(dict(pattern=r"layers\.0", variant=LORA)))) == [
+        f"layers.0.{n}" for n in ("down_proj", "o_proj", "q_proj", "up_proj")
+    ]
+    # and a pattern that matches nothing at all is still a NoMatchError
+    with pytest.raises(lj.NoMatchError, match="matched no layer"):
+        lj.apply_adapters(model, cfg(dict(pattern="nothing", variant=LORA)))

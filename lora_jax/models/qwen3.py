@@ -24,6 +24,7 @@ the same logits as the row alone. Logits at padded positions are meaningless.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -49,8 +50,8 @@ class KVCache(NamedTuple):
     """Keys/values of every layer, which slots hold real tokens, the next free slot and
     each row's next position. All rows advance by the same number of slots."""
 
-    keys: tuple[Array, ...]  # per layer (B, S_max, K, H)
-    values: tuple[Array, ...]
+    keys: Array  # (layers, B, S_max, K, H)
+    values: Array
     mask: Bool[Array, "B S_max"]
     end: Int[Array, ""]
     next_pos: Int[Array, " B"]
@@ -85,18 +86,10 @@ class Qwen3(nnx.Module):
 
     def _run(self, tokens, positions, kv_mask, cache: KVCache | None):
         cos, sin = rope_tables(positions, jnp.asarray(self.config.rope.inv_freq(self.config.head_dim)))
-        x = self.embed(tokens)
+        kv = None if cache is None else (cache.keys, cache.values)
         start = 0 if cache is None else cache.end
-        keys, values = [], []
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, layer_cache = layer(x, cos, sin, kv_mask, layer_cache, start)
-            if layer_cache is not None:
-                keys.append(layer_cache[0])
-                values.append(layer_cache[1])
-        x = self.norm(x)
-        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
-        return logits, (tuple(keys), tuple(values))
+        x, kv = _run_blocks(list(self.layers), self.embed(tokens), (cos, sin, kv_mask), kv, start)
+        return self.head(x), kv
 
     def __call__(
         self,
@@ -111,10 +104,33 @@ class Qwen3(nnx.Module):
             positions = positions_from_mask(mask)
         return self._run(tokens, positions, mask, None)[0]
 
+    def blocks(
+        self,
+        x: Float[Array, "B T D"],
+        attention_mask: Bool[Array, "B T"],
+        start: int = 0,
+        stop: int | None = None,
+    ) -> Float[Array, "B T D"]:
+        """The residual stream after blocks ``start .. stop - 1``, given the stream ``x``
+        entering block ``start`` (``self.embed(tokens)`` for ``start=0``).
+
+        Spans compose (``blocks(blocks(x, m, 0, k), m, k)`` is ``blocks(x, m)`` up to float
+        rounding), so a caller can compute once a prefix that no adapter touches and reuse
+        it (the steering objective does), or read the stream at any depth."""
+        mask = attention_mask.astype(bool)
+        positions = positions_from_mask(mask)
+        cos, sin = rope_tables(positions, jnp.asarray(self.config.rope.inv_freq(self.config.head_dim)))
+        return _run_blocks(list(self.layers)[start:stop], x, (cos, sin, mask))[0]
+
+    def head(self, x: Float[Array, "*lead D"]) -> Float[Array, "*lead V"]:
+        """Logits from the last block's residual stream: final norm, then the LM head."""
+        x = self.norm(x)
+        return self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+
     def init_cache(self, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
         cfg = self.config
         shape = (batch, max_len, cfg.n_kv_heads, cfg.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+        zeros = jnp.zeros((cfg.n_layers, *shape), dtype)
         return KVCache(
             zeros, zeros, jnp.zeros((batch, max_len), bool), jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32)
         )
@@ -183,3 +199,67 @@ def generate(
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
     )
+
+
+def _same_structure_runs(layers: Sequence[nnx.Module]) -> list[list[int]]:
+    """Indices of consecutive blocks with one graph structure and equal state shapes:
+    each run can be executed by a single ``lax.scan`` body (e.g. the unadapted blocks, then
+    the adapted ones, then the unadapted ones again)."""
+    runs, last = [], None
+    for i, layer in enumerate(layers):
+        graphdef, state = nnx.split(layer)
+        key = (graphdef, jax.tree.structure(state), [(v.shape, v.dtype) for v in jax.tree.leaves(state)])
+        if runs and key == last:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+            last = key
+    return runs
+
+
+def _stack(trees):
+    return jax.tree.map(lambda *v: jnp.stack(v), *trees)
+
+
+def _run_blocks(layers: Sequence[nnx.Module], x, context, kv=None, slot=0):
+    """Run ``layers`` on the residual stream ``x``; ``kv`` is the stacked (keys, values)
+    cache of exactly these layers, or None.
+
+    Why a scan: unrolled, every block is compiled again, and XLA's compile time for a
+    30-block model (forward and backward) was most of a short training run on a CPU. Runs
+    of identical blocks are stacked and scanned, so each distinct block is compiled once.
+    A lone block is scanned too (length 1), so a block is always computed by the same kind
+    of compiled body: a model whose adapters are at alpha = 0 gives the base model's
+    logits bit for bit. Variables other than ``nnx.Param`` that a block changes (calibration
+    statistics, dropout RNG counts) come out of the scan and are written back."""
+    cos, sin, mask = context
+    new_keys, new_values = [], []
+    for run in _same_structure_runs(layers):
+        blocks = [layers[i] for i in run]
+        cache = None if kv is None else (kv[0][run[0] : run[-1] + 1], kv[1][run[0] : run[-1] + 1])
+        graphdef = nnx.split(blocks[0], nnx.Param, ...)[0]
+        before = [nnx.state(b, nnx.Not(nnx.Param)) for b in blocks]
+        changed: list[int] = []  # leaves of the non-Param state that the block writes (found while tracing)
+
+        def body(h, xs, graphdef=graphdef, changed=changed):
+            old = jax.tree.leaves(xs[1])  # read first: merge may hand these Variables to the block
+            block = nnx.merge(graphdef, xs[0], xs[1])
+            h, layer_cache = block(h, cos, sin, mask, xs[2], slot)
+            new = jax.tree.leaves(nnx.state(block, nnx.Not(nnx.Param)))
+            changed[:] = [k for k, (a, b) in enumerate(zip(old, new, strict=True)) if a is not b]
+            return h, ([new[k] for k in changed], layer_cache)
+
+        params = _stack([nnx.state(b, nnx.Param) for b in blocks])
+        x, (written, out) = jax.lax.scan(body, x, (params, _stack(before), cache))
+        for i, block in enumerate(blocks):
+            if changed:
+                leaves, treedef = jax.tree.flatten(before[i])
+                for k, value in zip(changed, written, strict=True):
+                    leaves[k] = value[i]
+                nnx.update(block, jax.tree.unflatten(treedef, leaves))
+        if out is not None:
+            new_keys.append(out[0])
+            new_values.append(out[1])
+    if kv is None:
+        return x, None
+    return x, (jnp.concatenate(new_keys), jnp.concatenate(new_values))

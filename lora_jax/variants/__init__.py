@@ -10,6 +10,7 @@ from lora_jax.variants.hra import HRA, HRAConfig, hra_orthogonality_penalty
 from lora_jax.variants.ia3 import IA3, IA3Config
 from lora_jax.variants.ia3_ff import IA3FF, IA3FFConfig
 from lora_jax.variants.lora import LoRA, LoRAConfig
+from lora_jax.variants.lora_conv_embed import ConvLoRA, EmbedLoRA
 from lora_jax.variants.olora import OLoRA, OLoRAConfig
 from lora_jax.variants.pissa import PiSSA, PiSSAConfig, to_lora
 from lora_jax.variants.road import ROAD, ROADConfig
@@ -39,11 +40,13 @@ __all__ = [
     "VARIANTS",
     "AntiPaSTO",
     "AntiPaSTOConfig",
+    "ConvLoRA",
     "DeLoRA",
     "DeLoRAConfig",
     "DeltaS",
     "DoRA",
     "DoRAConfig",
+    "EmbedLoRA",
     "EVA",
     "EVAConfig",
     "HRAConfig",

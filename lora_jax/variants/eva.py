@@ -35,6 +35,7 @@ class EVAConfig(LoRAConfig):
     converged, ``whiten`` scales A's columns by ``1 / sqrt(singular value)``."""
 
     name = "eva"
+    layer_kinds = frozenset({"einsum"})  # calibration reads each layer's input rows
     rho: float = 2.0
     tau: float = 0.99
     whiten: bool = False

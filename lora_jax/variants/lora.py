@@ -31,9 +31,14 @@ class LoRAConfig(LowRankConfig):
     """``r``, ``lora_alpha``, ``rslora``, ``dropout``: see :class:`LowRankConfig`."""
 
     name = "lora"
+    layer_kinds = frozenset({"einsum", "conv", "embed"})
 
     def build(self, target: Target, *, seed: int) -> LoRA:
         check_rank(self.name, self.r, target)
+        if target.info.kind != "einsum":  # nnx.Conv / nnx.Embed: lora_conv_embed.py
+            from lora_jax.variants.lora_conv_embed import build_lora
+
+            return build_lora(target, self, seed=seed)
         return LoRA(target, self, seed=seed)
 
 

@@ -125,6 +125,7 @@ def collect_statistics(
     mask: Callable[[Any], Array] | None = None,
     desc: str = "calibrating",
     until: Callable[[dict[str, PyTree]], bool] | None = None,
+    revise: Callable[[dict[str, PyTree]], dict[str, PyTree]] | None = None,
     check_finite: bool = True,
 ) -> dict[str, PyTree]:
     """Run ``forward(model, batch)`` over ``batches`` and return ``{path: statistic}``.
@@ -133,7 +134,10 @@ def collect_statistics(
     in one batch, with ``rows (*kbatch, N, d_in)`` in float32 and ``mask (N,)`` (1 = use
     the row, 0 = padding); it runs traced, so it must be pure jax. ``mask(batch)`` gives
     a mask over the leading free axes of every layer's input (``None``: all rows count).
-    ``until(stats)``, if given, is checked after each batch; True stops early.
+    ``revise(stats)``, if given, runs after each batch and returns the statistics to go on
+    with (same shapes and dtypes, so nothing recompiles): host-side decisions, such as a
+    flag that switches a layer's ``update`` off, go back in this way. ``until(stats)``, if
+    given, is checked after that; True stops early.
     Long calibrations write a progress line (``desc``) at most every 10 s to stderr
     (``lora_jax.progress``).
     The model runs in eval mode (no dropout) on a clone; ``model`` is left unchanged.
@@ -166,6 +170,10 @@ def collect_statistics(
             batch_mask = jnp.ones((), jnp.float32) if mask is None else jnp.asarray(mask(batch), jnp.float32)
             _step(session, batch, batch_mask, forward)
             n_batches += 1
+            if revise is not None:
+                revised = revise({p: r.stat.get_value() for p, r in recorders.items()})
+                for p, r in recorders.items():
+                    r.stat.set_value(revised[p])
             if bar.due():  # count batches computed, not merely dispatched
                 jax.block_until_ready([r.stat.get_value() for r in recorders.values()])
             bar.update()

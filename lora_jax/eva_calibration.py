@@ -13,14 +13,18 @@ keeps only ``k d_in`` floats but is approximate after truncation and costs an SV
 independent, and a batch costs one ``rows^T rows`` matmul; ``d_in^2`` is a few MB per
 layer at LLM widths.
 
-Convergence (PEFT's test): after each batch a warm-started subspace iteration plus a
+Convergence (PEFT's rule): after each batch a warm-started subspace iteration plus a
 Rayleigh-Ritz step (``O(d_in^2 k)``, no full eigh) tracks the leading components; a
 component has converged when its cosine similarity with the previous batch's estimate
-is >= ``tau``. The budget is allocated from the current ratios; calibration stops when,
-in every layer, all components it would receive have converged. Unlike PEFT, the data is
-not cycled: if it runs out first, the exact result for the data seen is used, with a
-warning. PEFT's sharing of one decomposition between layers that see the same input
-(q/k/v) is not done: each layer keeps its own scatter.
+is >= ``tau``. The budget is allocated from the current ratios, and a layer whose
+allocated components have all converged stops taking in data (its statistics freeze);
+it takes data again if a later allocation gives it a component that has not converged.
+Calibration stops when every layer is frozen. Freezing matters in near-ties: a layer
+that kept taking data would shift its ratios and could win or lose a rank against
+PEFT's allocation. Unlike PEFT, the data is not cycled: if it runs out first, the exact
+result for the data seen is used, with a warning. PEFT's sharing of one decomposition
+between layers that see the same input (q/k/v) is not done: each layer keeps its own
+scatter.
 """
 
 from __future__ import annotations
@@ -82,6 +86,12 @@ def _trace(scatter: Array) -> Array:
 
 
 def _update(stat: dict[str, Array], rows: Array, mask: Array) -> dict[str, Array]:
+    """One batch into a layer's statistics; a frozen layer (``active == 0``) keeps them."""
+    new = _updated(stat, rows, mask)
+    return jax.tree.map(lambda fresh, old: jnp.where(stat["active"] > 0, fresh, old), new, stat)
+
+
+def _updated(stat: dict[str, Array], rows: Array, mask: Array) -> dict[str, Array]:
     moments = moments_update(stat, rows, mask)
     trace = _trace(moments["scatter"])
     basis, values = _ritz(moments["scatter"], stat["basis"])
@@ -93,6 +103,7 @@ def _update(stat: dict[str, Array], rows: Array, mask: Array) -> dict[str, Array
         "basis": basis,
         "ratio": values[..., :k] / jnp.maximum(trace, 1e-30)[..., None],
         "sim": jnp.where(stat["count"] > 0, sim, 0.0),  # the first estimate has nothing to agree with
+        "active": stat["active"],
     }
 
 
@@ -140,17 +151,18 @@ def eva_plan(
         k, d, kb = ks[target.path], target.spec.d_in, target.spec.batch_shape
         start = jax.random.normal(target.key(cfg.seed), (*kb, d, min(2 * k, d)))  # 2k: oversampled like PEFT
         zeros = jnp.zeros((*kb, k))
-        return {**moments_init(target), "basis": jnp.linalg.qr(start)[0], "ratio": zeros, "sim": zeros}
+        basis = jnp.linalg.qr(start)[0]
+        return {**moments_init(target), "basis": basis, "ratio": zeros, "sim": zeros, "active": jnp.ones(())}
 
     progress = {"batches": 0, "converged": False}
 
-    def until(stats: dict[str, dict[str, Array]]) -> bool:
+    def revise(stats: dict[str, dict[str, Array]]) -> dict[str, dict[str, Array]]:
+        """PEFT's rule: freeze each layer whose allocated components have converged."""
         progress["batches"] += 1
         ranks = _allocate({p: _layer_ratios(s["ratio"]) for p, s in stats.items()}, budget)
-        progress["converged"] = all(
-            bool(np.all(np.asarray(s["sim"])[..., : ranks[p]] >= targets[p][1].tau)) for p, s in stats.items()
-        )
-        return progress["converged"]
+        done = {p: bool(np.all(np.asarray(s["sim"])[..., : ranks[p]] >= targets[p][1].tau)) for p, s in stats.items()}
+        progress["converged"] = all(done.values())
+        return {p: {**s, "active": jnp.asarray(0.0 if done[p] else 1.0, s["active"].dtype)} for p, s in stats.items()}
 
     stats = collect_statistics(
         model,
@@ -161,7 +173,8 @@ def eva_plan(
         forward=forward,
         mask=mask,
         desc=desc,
-        until=until,
+        revise=revise,
+        until=lambda _: progress["converged"],
     )
     finals, ratios = {}, {}
     for path, stat in stats.items():

@@ -45,13 +45,19 @@ def gate_power(g: Float[Array, "*b d"], alpha: Array, *, floor: float = 1e-6) ->
 def hra_basis(u: Float[Array, "*b d r"]) -> tuple[Float[Array, "*b d r"], Array, Array]:
     """Pair basis of the column-normalized reflection vectors.
 
-    For each pair ``(u, v) = (u_2k, u_2k+1)`` returns columns ``delta = u - v`` and
-    ``sigma = u + v`` (orthogonal, since both are unit vectors) and their norms
-    ``(*b, r/2)``. Equal pairs (the identity init) give ``delta = 0`` exactly.
+    For each pair ``(u, v) = (u_2k, u_2k+1)`` returns columns ``delta = u/|u| - v/|v|`` and
+    ``sigma = u/|u| + v/|v|`` (orthogonal, since both are unit vectors) and their norms
+    ``(*b, r/2)``. An equal pair (the identity init) gives ``delta = 0`` bit for bit, also
+    under ``jit``: ``delta`` is built from the raw difference ``u - v`` (exactly 0), not as
+    a difference of two normalized columns, whose reductions compiled code may round apart.
     """
-    unit = u / jnp.linalg.norm(u, axis=-2, keepdims=True)
-    first, second = unit[..., 0::2], unit[..., 1::2]
-    delta, sigma = first - second, first + second
+    first, second = u[..., 0::2], u[..., 1::2]
+    n_first, n_second = jnp.linalg.norm(first, axis=-2), jnp.linalg.norm(second, axis=-2)
+    diff = first - second
+    # |v| - |u| = -(u - v).(u + v) / (|u| + |v|), so u/|u| - v/|v| = diff/|u| - v (|u| - |v|) / (|u| |v|)
+    gap = jnp.sum(diff * (first + second), axis=-2) / ((n_first + n_second) * n_first * n_second)
+    delta = diff / n_first[..., None, :] - second * gap[..., None, :]
+    sigma = first / n_first[..., None, :] + second / n_second[..., None, :]
     basis = jnp.stack([delta, sigma], axis=-1).reshape(u.shape)
     return basis, safe_norm(delta, -2), safe_norm(sigma, -2)
 

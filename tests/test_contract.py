@@ -4,6 +4,8 @@ row to CASES; every check below then runs on it.
 - identity at init in fp32 and bf16 (bit-exact where the case says so, else within
   1e-6 relative in fp32 and one bf16 rounding in bf16);
 - alpha = 0 is the base layer bit for bit, after the adapter weights moved (fp32, bf16);
+- both of those under ``nnx.jit`` too (compiled adapter against compiled base): XLA's
+  rewrites (``x / sqrt(y)`` to ``x * rsqrt(y)``, reordered reductions) must not break them;
 - merge_adapters equals the unmerged forward (1e-5 fp32) and leaves only base types;
 - training: every trainable leaf gets a non-zero gradient on step 1, only adapter leaves
   change, base leaves stay bit-identical, and a toy task (fit a randomly moved copy of
@@ -138,6 +140,32 @@ def test_alpha_zero_is_base_bit_for_bit(name, layout, dtype):
     y = adapted(x)
     assert y.dtype == base(x).dtype
     np.testing.assert_array_equal(np.asarray(y), np.asarray(base(x)))
+
+
+@nnx.jit
+def _jit_call(model, x):
+    return model(x)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_identity_and_alpha_zero_under_jit(name, layout, dtype):
+    _usable(name, layout.name)
+    case = CASES[name]
+    layer, x = layout.build(dtype=dtype)
+    base = Wrap(layer)
+    adapted = _adapt(case, base, x)
+    y0 = _jit_call(base, x)
+    y = _jit_call(adapted, x)
+    assert y.dtype == y0.dtype
+    if case.bit_exact_init:
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(y0), err_msg="identity at init under jit")
+    else:
+        assert _rel_err(y, y0) < (1e-6 if dtype == jnp.float32 else 1e-2)
+    _perturb(adapted, case.perturb)
+    lj.set_alpha(adapted, 0.0)  # same graph as above: the compiled call is reused
+    np.testing.assert_array_equal(np.asarray(_jit_call(adapted, x)), np.asarray(y0), err_msg="alpha=0 under jit")
 
 
 @pytest.mark.parametrize("alpha", [1.0, -1.0, 0.5])

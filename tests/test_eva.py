@@ -214,3 +214,66 @@ def test_errors():
         lj.EVAConfig(rho=0.5)
     with pytest.raises(ValueError, match="tau=2 must be in"):
         lj.EVAConfig(tau=2)
+
+
+class TorchTwoInputs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 6)
+        self.b = torch.nn.Linear(4, 6)
+
+    def forward(self, x, y):
+        return self.a(x) + self.b(y)
+
+
+class TwoInputs(nnx.Module):
+    def __init__(self):
+        self.a = nnx.Linear(4, 6, rngs=nnx.Rngs(0))
+        self.b = nnx.Linear(4, 6, rngs=nnx.Rngs(1))
+
+    def __call__(self, batch):
+        return self.a(batch["x"]) + self.b(batch["y"])
+
+
+def _exact_ratios(rows: np.ndarray) -> np.ndarray:
+    centered = rows.astype(np.float64) - rows.mean(0)
+    values = np.linalg.eigvalsh(centered.T @ centered)[::-1]
+    return values / values.sum()
+
+
+def test_near_tie_allocation_follows_peft_freezing_rule():
+    """a's 2nd and b's 3rd variance ratios tie (0.2) in the population, so the small-sample
+    estimates decide which layer gets the 4th rank. a converges first; PEFT stops feeding
+    it data then, b runs on. Feeding a until b converges (the old rule) flips the tie."""
+    rng = np.random.default_rng(1)
+    scale_a, scale_b = np.sqrt([0.7, 0.2, 0.05, 0.05]), np.sqrt([0.4, 0.35, 0.2, 0.05])
+    batches = [
+        {"x": (rng.standard_normal((16, 4)) * scale_a).astype(np.float32),
+         "y": (rng.standard_normal((16, 4)) * scale_b).astype(np.float32)}
+        for _ in range(40)
+    ]  # fmt: skip
+    peft_cfg = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["a", "b"], init_lora_weights="eva", eva_config=EvaConfig(rho=2.0)
+    )
+    reference = get_eva_state_dict(
+        TorchTwoInputs(),
+        dataloader=[{k: torch.tensor(v) for k, v in b.items()} for b in batches],
+        peft_config=peft_cfg,
+        forward_fn=lambda m, b: m(b["x"], b["y"]),
+        prepare_model_inputs_fn=None,
+        prepare_layer_inputs_fn=None,
+        show_progress_bar=False,
+    )  # rho * r = d_in: PEFT's incremental PCA is exact, only the rule can differ
+    peft_ranks = {path: a.shape[0] for path, a in reference.items()}
+
+    cfg = lj.AdapterConfig(rules=(lj.Rule(pattern="^(a|b)$", variant=lj.EVAConfig(r=2, lora_alpha=4, rho=2.0)),))
+    plan = lj.eva_plan(TwoInputs(), cfg, [{k: jnp.asarray(v) for k, v in b.items()} for b in batches])
+    assert plan.converged
+    assert {path: a.shape[-1] for path, a in plan.components.items()} == peft_ranks == {"a": 1, "b": 3}
+
+    seen = {key: np.concatenate([b[key] for b in batches[: plan.n_batches]]) for key in ("x", "y")}
+    np.testing.assert_allclose(plan.ratios["b"], _exact_ratios(seen["y"]), atol=1e-5)  # b saw every batch
+    assert not np.allclose(plan.ratios["a"], _exact_ratios(seen["x"]), atol=1e-5), "a should have stopped early"
+    # the old rule: a kept taking data until b converged, and won the tie
+    pooled = np.concatenate([_exact_ratios(seen["x"]), _exact_ratios(seen["y"])])
+    assert list(np.argsort(-pooled, kind="stable")[:4] < 4).count(True) == 2

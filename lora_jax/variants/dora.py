@@ -8,12 +8,16 @@ the norm over d_in of each output column (PEFT's ``weight.norm(dim=1)``), detach
 the paper's section 4.3 and PEFT. ``x W`` is the base output minus its bias, so the bias
 passes unscaled (as PEFT). Every kernel-batch index has its own A, B and m.
 
-The norm is computed as ``n = sqrt(n0 + sum_col(s A B * (2 W + s A B)))`` with the frozen
-``n0 = ||W||_col^2``, and m starts as ``sqrt(n0 + 0)``: with B = 0 the correction is an
-exact zero, so ``m / n == 1`` exactly at init instead of depending on two norm reductions
-rounding alike. (A column of W that is zero is floored at the dtype's tiny, not divided by.)
+The norm is computed as ``n = n0 + c / (sqrt(n0^2 + c) + n0)`` (which is
+``sqrt(n0^2 + c)`` rearranged) with the frozen base norm ``n0 = ||W||_col`` and the
+correction ``c = sum_col(s A B * (2 W + s A B))``; m starts as a copy of ``n0``. The layer
+adds ``(m - n) / n * x W + (m / n) * s x A B``. With B = 0, ``c`` is an exact zero, so
+``n == n0 == m`` and both terms are exact zeros, however the compiler rewrites the
+divisions (under ``jit`` XLA turns ``m / sqrt(.)`` into ``m * rsqrt(.)``, which is off by
+an ulp). (A column of W that is zero is floored at the dtype's tiny, not divided by.)
 
-Identity at t=0: bit-exact (B = 0 and m / n = 1 make both terms exact zeros).
+Identity at t=0: bit-exact, eagerly and under jit (B = 0 and m - n = 0 make both terms
+exact zeros).
 
 Runtime alpha moves linearly between the base (0, bit-exact) and the DoRA layer (1):
 -1 is the negated delta ``W - (W' - W)``, not the inverse of the magnitude rescaling.
@@ -54,24 +58,32 @@ class DoRAConfig(LowRankConfig):
     def build(self, target: Target, *, seed: int) -> DoRA:
         check_rank(self.name, self.r, target)
         w = dense_kernel(self.name, target, self.dtype).astype(self.dtype)
-        return DoRA(target, self, jnp.sum(jnp.square(w), axis=-2), seed=seed)
+        base_norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(w), axis=-2), jnp.finfo(self.dtype).tiny))
+        return DoRA(target, self, base_norm, seed=seed)
 
 
 class DoRA(Adapter):
-    def __init__(self, target: Target, config: DoRAConfig, sq_norm: Array, *, seed: int):
+    def __init__(self, target: Target, config: DoRAConfig, base_norm: Array, *, seed: int):
         super().__init__(target, config)
         self.lora_a, self.lora_b = lora_pair(self, target.key(seed), config.r)
-        self.sq_norm = self.variable(AdapterState, sq_norm, "o")
-        self.magnitude = self.variable(DoRAMagnitude, self._norm(jnp.zeros_like(sq_norm)), "o")
+        self.base_norm = self.variable(AdapterState, base_norm, "o")
+        # the same bits in its own buffer (a train step may donate it): m - n = 0 at init
+        self.magnitude = self.variable(DoRAMagnitude, jnp.array(base_norm, copy=True), "o")
 
-    def _norm(self, correction: Array) -> Array:
-        return jnp.sqrt(jnp.maximum(self.sq_norm[...] + correction, jnp.finfo(self.dtype).tiny))
-
-    def _gain(self, kernel: Array) -> Array:
-        """m / n, with n the detached column norm of ``W + s A B``."""
+    def _norm(self, kernel: Array) -> Array:
+        """The detached column norm of ``W + s A B``, exactly ``n0`` when ``s A B`` is zero."""
         delta = self.config.scale * (self.lora_a[...] @ self.lora_b[...])
-        n = self._norm(jnp.sum(delta * (2 * kernel + delta), axis=-2))
-        return self.magnitude[...] / jax.lax.stop_gradient(n)
+        correction = jnp.sum(delta * (2 * kernel + delta), axis=-2)
+        n0, tiny = self.base_norm[...], jnp.finfo(self.dtype).tiny
+        root = jnp.sqrt(jnp.maximum(n0 * n0 + correction, tiny))
+        # floored like n0 (a column of W + s A B that cancels to zero); n0 itself passes unchanged
+        return jax.lax.stop_gradient(jnp.maximum(n0 + correction / (root + n0), jnp.sqrt(tiny)))
+
+    def _gains(self, kernel: Array) -> tuple[Array, Array]:
+        """``(m / n - 1, m / n)``; the first as ``(m - n) / n`` so it is 0 whenever m == n."""
+        n = self._norm(kernel)
+        m = self.magnitude[...]
+        return (m - n) / n, m / n
 
     def _kernel(self) -> Array:
         return self.spec.kernel_to_matrix(getattr(self.base, self.info.kernel)[...]).astype(self.dtype)
@@ -82,12 +94,12 @@ class DoRA(Adapter):
         if self.info.bias is not None:
             bias = self.spec.bias_to_matrix(getattr(self.base, self.info.bias)[...])
             xw = xw - self.spec.out_broadcast(bias.astype(self.dtype), x.ndim, like=xw)
-        gain = self.spec.out_broadcast(self._gain(self._kernel()), x.ndim, like=xw)
+        excess, gain = (self.spec.out_broadcast(g, x.ndim, like=xw) for g in self._gains(self._kernel()))
         h = self.project_in(x.astype(self.dtype), self.lora_a[...]) * self.config.scale
-        delta = (gain - 1) * xw + gain * self.project_out(h, self.lora_b[...], x.ndim)
+        delta = excess * xw + gain * self.project_out(h, self.lora_b[...], x.ndim)
         return y + (self.alpha_for("out", x.ndim) * delta).astype(y.dtype)
 
     def merged(self, kernel, bias):
-        gain = self._gain(kernel)[..., None, :]
-        dora = gain * (kernel + self.config.scale * (self.lora_a[...] @ self.lora_b[...]))
-        return kernel + self.scalar_alpha() * (dora - kernel), bias
+        excess, gain = (g[..., None, :] for g in self._gains(kernel))
+        delta = excess * kernel + gain * (self.config.scale * (self.lora_a[...] @ self.lora_b[...]))
+        return kernel + self.scalar_alpha() * delta, bias

@@ -48,6 +48,8 @@ from lora_jax.steering import format_table, plot_sweep, sweep, sweep_metrics
 
 DATA = Path(__file__).parent / "data" / "sentiment_pairs.json"
 COEFS = (-1.0, -0.5, 0.0, 0.5, 1.0)
+VECTOR_COEFS = (-3.0, -1.0, 1.0, 3.0)  # the vector's KL stays small at 1: it gets a wider range
+BASELINE_COEFS = (-1.0, 1.0)
 
 
 def log(msg: str) -> None:
@@ -115,6 +117,23 @@ def steering_vector(ref: dict) -> jax.Array:
     return (h[:n] - h[n:]).mean(axis=(0, 1))
 
 
+def direction_sign(model, data, ref, *, first: int, hidden_layer: int) -> float:
+    """+1 or -1: the sign that makes alpha = +1 move the hidden state (last 3 tokens of the
+    training rows) towards the positive persona's, along the mean-difference vector.
+
+    The objective makes +1 and -1 opposite, but which of them is "positive" is decided
+    by the ordering hinge on the openers' log-prob gap, which need not match the sentiment
+    of generated text; this fixes the sign from the training pairs, before any evaluation."""
+
+    @nnx.jit
+    def moved(m):
+        set_alpha(m, 1.0)
+        hidden = m.blocks(ref["prefix"], data["mask"], first, hidden_layer + 1)
+        return jnp.take_along_axis(hidden, data["last3"][..., None], axis=1) - ref["ref_hidden"]
+
+    return 1.0 if float((moved(model) @ steering_vector(ref)).mean()) >= 0 else -1.0
+
+
 def settings_setter(vector_module: AddVector | None):
     def apply(model, settings):
         set_alpha(model, jnp.asarray(settings["alpha"], jnp.float32))
@@ -162,22 +181,24 @@ def run(argv=None) -> dict:
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--svd-iters", type=int, default=4, help="randomized SVD power iterations for AntiPaSTO's init")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--batch", type=int, default=4, help="pairs per step")
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=1e-2, help="AntiPaSTO's (few parameters: rotations and shifts)")
+    ap.add_argument("--lora-lr", type=float, default=3e-3, help="the LoRA baseline's")
     ap.add_argument("--margin", type=float, default=0.5, help="nats per answer token")
     ap.add_argument("--coh-frac", type=float, default=0.3)
     ap.add_argument("--mono-weight", type=float, default=10.0, help="weight of the ordering hinge")
     ap.add_argument("--prompts", type=int, default=16, help="held-out questions to answer")
-    ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--new-tokens", type=int, default=20)
     ap.add_argument("--kl-budget", type=float, default=0.5, help="nats per generated token")
+    ap.add_argument("--sweep-pairs", type=int, default=8, help="held-out pairs in the log-prob sweep")
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--out", default="steer_out")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.quick:
         args.steps, args.prompts, args.new_tokens, args.rank = min(args.steps, 40), 4, 8, 8
-        args.lr = 1e-2
+        args.lora_lr = 1e-2
     t_start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
 
@@ -192,12 +213,16 @@ def run(argv=None) -> dict:
     pairs = {k: jnp.asarray(v) for k, v in encode_pairs(tokenizer, data, data["train"]).items()}
     openers = [it["continuation"] for it in data["train"]]
     held_out = [{"question": q, "continuation": openers[i % len(openers)]} for i, q in enumerate(data["held_out"])]
+    held_out = held_out[: args.sweep_pairs]
     probe = {k: jnp.asarray(v) for k, v in encode_pairs(tokenizer, data, held_out).items()}
 
     model = adapt(base_model, "antipasto", layers, args)
     ref = nnx.jit(functools.partial(reference, first=first, hidden_layer=hidden_layer))(model, pairs)
     log(f"AntiPaSTO r={args.rank} built, base reference computed ({elapsed()})")
     results = {"antipasto": train(model, pairs, ref, args, first=first, hidden_layer=hidden_layer, name="AntiPaSTO")}
+    sign = direction_sign(model, pairs, ref, first=first, hidden_layer=hidden_layer)
+    towards = "towards" if sign > 0 else "away from"
+    log(f"AntiPaSTO's alpha = +1 moves the stream {towards} the positive persona: coefficient c is alpha = {sign:+g} c")
 
     # The log-prob sweep on held-out pairs: the objective's own measure, one forward pass per alpha row.
     alphas = jnp.linspace(-2.0, 2.0, 5)
@@ -221,9 +246,9 @@ def run(argv=None) -> dict:
     # Baselines, trained and built on the same data; every generation below is scored the same way.
     vector = AddVector(model.layers[hidden_layer].mlp.down_proj, steering_vector(ref))
     model.layers[hidden_layer].mlp.down_proj = vector
-    plan = [("AntiPaSTO", c, None, c, 0.0) for c in COEFS]
+    plan = [("AntiPaSTO", c, None, sign * c, 0.0) for c in COEFS]
     if not args.no_baselines:
-        plan += [("steering vector", c, None, 0.0, c) for c in COEFS if c != 0]
+        plan += [("steering vector", c, None, 0.0, c) for c in VECTOR_COEFS]
         plan += [("prompting", 1.0, data["positive_system"], 0.0, 0.0)]
         plan += [("prompting", -1.0, data["negative_system"], 0.0, 0.0)]
     questions = data["held_out"][: args.prompts]
@@ -246,10 +271,12 @@ def run(argv=None) -> dict:
 
     if not args.no_baselines:
         lora = adapt(base_model, "lora", layers, args)
-        results["lora"] = train(lora, pairs, ref, args, first=first, hidden_layer=hidden_layer, name="LoRA")
+        lora_args = argparse.Namespace(**{**vars(args), "lr": args.lora_lr})
+        results["lora"] = train(lora, pairs, ref, lora_args, first=first, hidden_layer=hidden_layer, name="LoRA")
+        lora_sign = direction_sign(lora, pairs, ref, first=first, hidden_layer=hidden_layer)
         lora_base = nnx.clone(lora)
         set_alpha(lora_base, 0.0)
-        plan_lora = [("LoRA (same objective)", c, None, c, 0.0) for c in COEFS if c != 0]
+        plan_lora = [("LoRA (same objective)", c, None, lora_sign * c, 0.0) for c in BASELINE_COEFS]
         set_vector = lambda m, s: set_alpha(m, jnp.asarray(s["alpha"], jnp.float32))
         r2, _t2, s2, k2, n2 = evaluate_text(lora, lora_base, tokenizer, data, questions, plan_lora, set_vector, args)
         set_alpha(lora, 1.0)

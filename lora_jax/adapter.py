@@ -23,13 +23,23 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
-from jaxtyping import Array, Float
+from jaxtyping import Array, ArrayLike, Float
 
 from lora_jax import projections
 from lora_jax.views import EinsumSpec, ViewInfo
 
-__all__ = ["ADAPTER_VARIABLES", "Adapter", "AdapterParam", "AdapterState", "Alpha", "VariantConfig", "Target"]
+__all__ = [
+    "ADAPTER_VARIABLES",
+    "Adapter",
+    "AdapterParam",
+    "AdapterState",
+    "Alpha",
+    "VariantConfig",
+    "Target",
+    "as_alpha",
+]
 
 
 class AdapterParam(nnx.LoRAParam):
@@ -45,6 +55,28 @@ class Alpha(nnx.Variable):
 
     A scalar, or one value per input row (shape ``(batch,)``) for a sweep in one pass.
     """
+
+
+def as_alpha(value: ArrayLike, *, what: str = "alpha") -> Float[Array, "*rows"]:
+    """``value`` as an alpha (float32): a scalar or one value per input row, finite.
+
+    The finiteness check needs a concrete value: under ``jax.jit`` / ``jax.vmap`` the value
+    is a tracer and passes unchecked (a NaN alpha then gives NaN outputs). A float64 value
+    beyond float32's range becomes inf here and is refused too. ``what`` names the
+    argument in the messages.
+    """
+    with np.errstate(over="ignore"):  # an out-of-range float64 becomes inf, refused below
+        alpha = jnp.asarray(value, jnp.float32)
+    if alpha.ndim > 1:
+        raise ValueError(f"{what} must be a scalar or one value per row, got shape {alpha.shape}")
+    if not isinstance(alpha, jax.core.Tracer):
+        host = np.asarray(alpha)
+        if not np.isfinite(host).all():
+            raise ValueError(
+                f"{what} must be finite, got {host.tolist()} (as float32); NaN or inf would make every "
+                "adapted output NaN or inf. Pass finite values (alpha=0 is the base model)"
+            )
+    return alpha
 
 
 # Everything that belongs to an adapter and nothing of the base: the filter that
@@ -168,11 +200,26 @@ class Adapter(nnx.Module):
     def __call__(self, *args: Any, **kwargs: Any) -> Array:
         i = self.info.input_arg
         x = args[i]
+        self._check_alpha_rows(x)
 
         def call_base(new_x: Array) -> Array:
             return self.base(*args[:i], new_x, *args[i + 1 :], **kwargs)
 
         return self.forward(x, call_base)
+
+    def _check_alpha_rows(self, x: Array) -> None:
+        """A per-row alpha needs exactly one value per input row (axis 0). Shapes are
+        static, so this runs once per trace; without it a wrong length fails deep in a
+        variant's math, or a batch of one silently broadcasts to ``len(alpha)`` rows."""
+        a = self.alpha[...]
+        if a.ndim != 1 or self.spec.layout(x.ndim).lhs[0] in self.spec.kernel:
+            return  # a scalar; or no row axis, which alpha_for reports
+        if a.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"alpha has {a.shape[0]} values but the input has {x.shape[0]} rows (input shape "
+                f"{tuple(x.shape)}, einsum {self.spec.equation!r}); a per-row alpha needs one value per "
+                "row of axis 0: set_alpha with a scalar, or with a vector as long as the batch"
+            )
 
     @abc.abstractmethod
     def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:

@@ -117,6 +117,7 @@ def collect_statistics(
     mask: Callable[[Any], Array] | None = None,
     desc: str = "calibrating",
     until: Callable[[dict[str, PyTree]], bool] | None = None,
+    check_finite: bool = True,
 ) -> dict[str, PyTree]:
     """Run ``forward(model, batch)`` over ``batches`` and return ``{path: statistic}``.
 
@@ -126,6 +127,10 @@ def collect_statistics(
     a mask over the leading free axes of every layer's input (``None``: all rows count).
     ``until(stats)``, if given, is checked after each batch; True stops early.
     The model runs in eval mode (no dropout) on a clone; ``model`` is left unchanged.
+    With ``check_finite`` (the default) a statistic holding NaN or inf at the end raises
+    a ValueError naming its layers: the calibration data drove the model to non-finite
+    activations there (padding rows masked out do not count). Pass ``check_finite=False``
+    for a statistic that is meant to hold inf (e.g. a running max started at -inf).
     """
     paths = list(paths)
     if not paths:
@@ -156,7 +161,23 @@ def collect_statistics(
                 break
     if n_batches == 0:
         raise ValueError("collect_statistics: no calibration data (batches was empty); pass at least one batch")
-    return {p: jax.tree.map(jnp.asarray, r.stat.get_value()) for p, r in recorders.items()}
+    stats = {p: jax.tree.map(jnp.asarray, r.stat.get_value()) for p, r in recorders.items()}
+    if check_finite:
+        _check_finite(stats, desc)
+    return stats
+
+
+def _check_finite(stats: dict[str, PyTree], desc: str) -> None:
+    def finite(leaf: Array) -> bool:
+        return not jnp.issubdtype(leaf.dtype, jnp.inexact) or bool(jnp.isfinite(leaf).all())
+
+    bad = [p for p, stat in stats.items() if not all(finite(leaf) for leaf in jax.tree.leaves(stat))]
+    if bad:
+        raise ValueError(
+            f"{desc}: the calibration data produced non-finite activations (NaN or inf) at the input of "
+            f"layer(s) {bad}, so their statistics are NaN / inf. Check the "
+            "data (NaN in the inputs?) and the model (overflow, e.g. in float16); mask padding rows with mask="
+        )
 
 
 def moments_init(target: Target) -> dict[str, Array]:

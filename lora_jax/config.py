@@ -11,15 +11,23 @@ is found (``re.search``) in its dotted path, the path matches none of ``exclude`
 layer index (the first integer in the path) is in ``layers`` and its role is in
 ``roles``: ``reader`` (d_in == d_model), ``writer`` (d_out == d_model; a square layer
 is both) or ``inner`` (neither). ``d_model`` defaults to the most common layer width.
+
+``layers``, ``roles`` and ``exclude`` are tuples (a list is accepted); a single value is
+accepted as a one-element tuple: ``layers=5`` means ``(5,)``, ``roles="writer"`` means
+``("writer",)``, ``exclude="up"`` means ``("up",)``. Their entries are checked when the
+rule is built: layer indices are integers >= 0, roles are among ``ROLES``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import re
 from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
 
 from lora_jax.adapter import VariantConfig
 from lora_jax.variants import VARIANTS
@@ -68,7 +76,8 @@ def _variant_from_dict(data: Mapping[str, Any]) -> VariantConfig:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Rule:
-    """Which layers get which variant. See the module docstring for matching."""
+    """Which layers get which variant. See the module docstring for matching; a single
+    layer index, role or exclude pattern stands for a one-element tuple."""
 
     pattern: str
     variant: VariantConfig
@@ -79,21 +88,40 @@ class Rule:
     def __post_init__(self) -> None:
         if not isinstance(self.variant, VariantConfig):
             raise TypeError(f"Rule.variant must be a variant config such as LoRAConfig(r=8), got {self.variant!r}")
-        for regex in (self.pattern, *self.exclude):
-            try:
-                re.compile(regex)
-            except re.error as err:
-                raise ValueError(f"Rule pattern {regex!r} is not a valid regular expression: {err}") from err
+        if not isinstance(self.pattern, str):
+            raise TypeError(f"Rule.pattern must be a regular expression string, got {self.pattern!r}")
+        # A single value is a one-element tuple (roles="writer" is not five letters).
+        single = {"layers": (numbers.Integral, "int"), "roles": (str, "str"), "exclude": (str, "str")}
+        for name, (kind, kind_name) in single.items():
+            value = getattr(self, name)
+            if isinstance(value, kind) and not isinstance(value, bool):
+                value = (value,)
+            elif isinstance(value, list):
+                value = tuple(value)
+            elif value is not None and not isinstance(value, tuple):
+                raise TypeError(f"Rule.{name} must be a tuple of {kind_name} (or one {kind_name}), got {value!r}")
+            if value is None and name == "exclude":
+                value = ()
+            object.__setattr__(self, name, value)
+        if self.layers is not None:
+            what = "Rule.layers must hold layer indices (integers >= 0, the first integer in a layer's path)"
+            bad = [i for i in self.layers if not isinstance(i, numbers.Integral) or isinstance(i, bool | np.bool_)]
+            if bad:
+                raise TypeError(f"{what}, got {bad} in {self.layers!r}")
+            object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))  # numpy ints too, for JSON
+            if any(i < 0 for i in self.layers):
+                raise ValueError(f"{what}, got {self.layers!r} (no counting from the end: name the layer index itself)")
         if self.roles is not None:
             bad = [r for r in self.roles if r not in ROLES]
             if bad:
                 raise ValueError(f"unknown role(s) {bad}; roles are {ROLES}")
-        for name in ("layers", "roles", "exclude"):
-            value = getattr(self, name)
-            if isinstance(value, list):
-                object.__setattr__(self, name, tuple(value))
-            elif isinstance(value, str):
-                raise TypeError(f"Rule.{name} must be a tuple, got the string {value!r}")
+        for regex in (self.pattern, *self.exclude):
+            if not isinstance(regex, str):
+                raise TypeError(f"Rule.exclude must hold regular expression strings, got {regex!r}")
+            try:
+                re.compile(regex)
+            except re.error as err:
+                raise ValueError(f"Rule pattern {regex!r} is not a valid regular expression: {err}") from err
 
     def to_dict(self) -> dict[str, Any]:
         out = {"pattern": self.pattern, "variant": _variant_to_dict(self.variant)}

@@ -20,6 +20,11 @@ entries PEFT allows per layer (``rank_pattern``), and two functions between an a
 and its tensors. Rows: LoRA; DoRA; IA3 and IA3-FF (``feedforward_modules``); EVA exports
 as its LoRA, PiSSA and OLoRA as the equivalent rank-2r LoRA (as PEFT saves them); those
 three import as LoRA. A row whose variant is not in ``VARIANTS`` is ignored.
+
+Import checks what PEFT itself would refuse (a per-layer ``r`` that is not the tensors'
+rank, a ``peft_type`` no codec reads) and names the file. ``lora_dropout`` acts in
+training only, so it never changes what an imported adapter computes: LoRA keeps it in
+its config, DoRA (whose lora_jax form has no dropout) imports without it.
 """
 
 from __future__ import annotations
@@ -98,20 +103,26 @@ def _pissa_to_peft(adapter: Adapter) -> tuple[dict[str, Any], dict[str, np.ndarr
     return _lora_to_peft(to_lora(adapter))
 
 
-def _low_rank(variant: str, cfg: Mapping[str, Any], a: np.ndarray) -> VariantConfig:
+def _low_rank(variant: str, cfg: Mapping[str, Any], a: np.ndarray, *, keep_dropout: bool) -> VariantConfig:
+    """The low-rank config of one layer; ``a`` is A ``(d_in, r)``. ``keep_dropout=False``
+    drops ``lora_dropout`` (train-time only, so the imported adapter computes the same)."""
     cls = VARIANTS[variant]
-    options = {"r": a.shape[1], "lora_alpha": float(cfg["lora_alpha"]), "rslora": bool(cfg.get("use_rslora", False))}
+    rank = a.shape[1]
+    if "r" in cfg and cfg["r"] != rank:
+        raise PeftFormatError(
+            f"adapter_config.json gives r={cfg['r']!r} (after rank_pattern) but lora_A.weight has rank {rank} "
+            f"(shape {a.T.shape}); PEFT refuses this too. Fix r or rank_pattern in adapter_config.json"
+        )
+    options = {"r": rank, "lora_alpha": float(cfg["lora_alpha"]), "rslora": bool(cfg.get("use_rslora", False))}
     dropout = float(cfg.get("lora_dropout") or 0.0)
-    if dropout:
-        if "dropout" not in {f.name for f in dataclasses.fields(cls)}:
-            raise PeftFormatError(f"{variant} has no dropout option; the PEFT file asks for lora_dropout={dropout}")
+    if dropout and keep_dropout and "dropout" in {f.name for f in dataclasses.fields(cls)}:
         options["dropout"] = dropout
     return cls(**options)
 
 
 def _lora_from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[VariantConfig, dict]:
     a, b = tensors["lora_A.weight"].T, tensors["lora_B.weight"].T
-    return _low_rank("lora", cfg, a), {"lora_a": a, "lora_b": b}
+    return _low_rank("lora", cfg, a, keep_dropout=True), {"lora_a": a, "lora_b": b}
 
 
 def _dora_to_peft(adapter: Adapter) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -121,7 +132,9 @@ def _dora_to_peft(adapter: Adapter) -> tuple[dict[str, Any], dict[str, np.ndarra
 
 def _dora_from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[VariantConfig, dict]:
     a, b = tensors["lora_A.weight"].T, tensors["lora_B.weight"].T
-    return _low_rank("dora", cfg, a), {"lora_a": a, "lora_b": b, "magnitude": tensors["lora_magnitude_vector"]}
+    # lora_jax's DoRA has no dropout; without it the adapter computes what PEFT's does at inference
+    arrays = {"lora_a": a, "lora_b": b, "magnitude": tensors["lora_magnitude_vector"]}
+    return _low_rank("dora", cfg, a, keep_dropout=False), arrays
 
 
 def _ia3_codec(variant: str, shape: Callable[[int], tuple[int, int]], member_of: str | None) -> PeftCodec:
@@ -286,18 +299,57 @@ def _codec_for(config: Mapping[str, Any], name: str) -> PeftCodec:
     raise PeftFormatError(f"no codec reads peft_type={config.get('peft_type')!r} with {flags}; readable: {readable}")
 
 
-def import_peft(path: str | Path, base_model: M, *, hf_name: Callable[[str], str | None]) -> M:
-    """A copy of ``base_model`` with the PEFT adapter at ``path`` applied and loaded."""
-    from safetensors.numpy import load_file  # interop dependency, needed only here
+def _read_config(path: Path) -> dict[str, Any]:
+    file = path / CONFIG
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no {CONFIG}; pass the directory PEFT's save_pretrained wrote")
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PeftFormatError(f"{file} is not valid JSON ({err}); re-save the adapter or fix the file") from err
+    if not isinstance(config, dict):
+        raise PeftFormatError(f"{file} holds a {type(config).__name__}, not a JSON object of PEFT config entries")
+    return config
 
+
+def _read_weights(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError  # interop dependency, needed only here
+    from safetensors.numpy import load_file
+
+    file = path / WEIGHTS
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no {WEIGHTS} (only safetensors adapters import, PEFT's default format)")
+    try:
+        return load_file(str(file))
+    except SafetensorError as err:  # its message names neither the file nor a fix
+        raise PeftFormatError(
+            f"{file} cannot be read as safetensors ({err}); is it truncated or not a safetensors file? "
+            "Re-save the adapter"
+        ) from err
+
+
+def import_peft(path: str | Path, base_model: M, *, hf_name: Callable[[str], str | None]) -> M:
+    """A copy of ``base_model`` with the PEFT adapter at ``path`` applied and loaded.
+
+    Raises :class:`PeftFormatError` (naming the file) on an unreadable or inconsistent
+    adapter and on PEFT options lora_jax does not support, before touching anything:
+    ``base_model`` is never changed. ``lora_dropout`` is kept by LoRA and dropped by DoRA
+    (training only; the imported adapter computes the same either way).
+    """
     path = Path(path)
-    config = json.loads((path / CONFIG).read_text())
+    config = _read_config(path)
     odd = {k: config[k] for k, v in _UNSUPPORTED.items() if config.get(k, v) not in (v, [], {})}
     if odd:
         raise PeftFormatError(f"{path}: PEFT options {odd} are not supported by lora_jax; re-save without them")
+    readable = sorted({c.peft_type for c in _codecs().values() if c.from_peft is not None})
+    if config.get("peft_type") not in readable:
+        raise PeftFormatError(
+            f"{path / CONFIG}: peft_type {config.get('peft_type')!r} is not supported "
+            f"(supported: {', '.join(readable)})"
+        )
     suffixes = {s for c in _codecs().values() if c.peft_type == config.get("peft_type") for s in c.suffixes}
     groups: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
-    for key, value in load_file(str(path / WEIGHTS)).items():
+    for key, value in _read_weights(path).items():
         suffix = next((s for s in suffixes if key.endswith("." + s)), None)
         if suffix is None or not key.startswith(PREFIX):
             raise PeftFormatError(f"{path}: tensor {key!r} is not '{PREFIX}<module>.<{'|'.join(sorted(suffixes))}>'")
@@ -326,7 +378,10 @@ def import_peft(path: str | Path, base_model: M, *, hf_name: Callable[[str], str
             hit = _pattern_key(patterns, name)
             if hit is not None:
                 layer[key] = patterns[hit]
-        variant, values[nnx_path] = codec.from_peft(layer, groups[name])
+        try:
+            variant, values[nnx_path] = codec.from_peft(layer, groups[name])
+        except PeftFormatError as err:
+            raise PeftFormatError(f"{path}: module {name!r}: {err}") from err
         rules.append(Rule(pattern=f"^{re.escape(nnx_path)}$", variant=variant))
     model = apply_adapters(base_model, AdapterConfig(rules=tuple(rules)))
     adapters = dict(iter_adapters(model))

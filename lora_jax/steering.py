@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 from jaxtyping import Array, ArrayLike, Float
 
+from lora_jax.adapter import as_alpha
 from lora_jax.surgery import NoMatchError, iter_adapters
 from lora_jax.transforms import set_alpha
 
@@ -48,7 +49,7 @@ def _check_alphas(alphas: ArrayLike) -> Float[Array, " n"]:
         raise ValueError(f"alphas must be a 1-D vector of steering values, got shape {a.shape}")
     if a.shape[0] == 0:
         raise ValueError("alphas is empty: pass at least one value, e.g. jnp.linspace(-1, 1, 9)")
-    return a
+    return as_alpha(a, what="alphas")  # refuses NaN / inf while the values are concrete
 
 
 def _call(fn: Callable, model: nnx.Module, inputs: Any, has_inputs: bool) -> Any:

@@ -13,10 +13,9 @@ import re
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
-import jax.numpy as jnp
 from flax import nnx
 
-from lora_jax.adapter import Adapter, Target
+from lora_jax.adapter import Adapter, Target, as_alpha
 from lora_jax.config import AdapterConfig, Rule
 from lora_jax.views import UnsupportedLayerError, spec_of, view_of
 
@@ -177,13 +176,15 @@ def iter_adapters(model: nnx.Module) -> Iterator[tuple[str, Adapter]]:
 def set_alpha(model: nnx.Module, value: Any, *, pattern: str | None = None) -> int:
     """Set alpha in place on all adapters, or on those whose path matches ``pattern``.
 
-    ``value`` is a scalar, or one value per input row (shape ``(batch,)``). Changing the
-    value never recompiles a jitted function; changing its shape does, once. Returns the
-    number of adapters set.
+    ``value`` is a scalar, or one value per input row (shape ``(batch,)``; a call with a
+    batch of another size raises). Changing the value never recompiles a jitted function;
+    changing its shape does, once. Returns the number of adapters set. NaN and inf are
+    refused (:func:`~lora_jax.adapter.as_alpha`; a traced value cannot be checked).
+    Finite but huge alphas are kept: variants whose alpha is an exponent (IA3's gate
+    ``l ** alpha``, ROAD's magnitude ``|m| ** alpha``) overflow float32 to inf once
+    ``|alpha log l|`` passes about 88, which is the math, not a bug; steer within a few units.
     """
-    alpha = jnp.asarray(value, jnp.float32)
-    if alpha.ndim > 1:
-        raise ValueError(f"alpha must be a scalar or one value per row, got shape {alpha.shape}")
+    alpha = as_alpha(value)
     selected = [(p, a) for p, a in iter_adapters(model) if pattern is None or re.search(pattern, p)]
     if not selected:
         paths = [p for p, _ in iter_adapters(model)]

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jaxtyping import Array, ArrayLike
 
-from lora_jax.adapter import ADAPTER_VARIABLES, AdapterParam, AdapterState, Alpha
+from lora_jax.adapter import ADAPTER_VARIABLES, AdapterParam, AdapterState, Alpha, as_alpha
 from lora_jax.surgery import NoMatchError, iter_adapters, merge_adapters
 from lora_jax.variants.lora import LoRA
 
@@ -64,10 +64,9 @@ def adapter_state(state: nnx.State) -> nnx.State:
 
 def set_alpha(state: nnx.State, value: ArrayLike, *, pattern: str | None = None) -> nnx.State:
     """Alpha set to ``value`` (a scalar or one value per input row) on all adapters or
-    those whose path matches ``pattern``."""
-    alpha = jnp.asarray(value, jnp.float32)
-    if alpha.ndim > 1:
-        raise ValueError(f"alpha must be a scalar or one value per row, got shape {alpha.shape}")
+    those whose path matches ``pattern``. A concrete NaN or inf is refused; under
+    ``jax.jit`` / ``jax.vmap`` the value is traced and cannot be checked."""
+    alpha = as_alpha(value)
     chosen = _alpha_paths(state, pattern, "set_alpha")
     return _rebuild(state, lambda path, var: alpha if path in chosen else None)
 
@@ -77,7 +76,7 @@ def scale(state: nnx.State, factor: ArrayLike, *, pattern: str | None = None) ->
     variants (LoRA) that scales the delta exactly; for the others it moves along the
     curve their alpha defines (DoRA's magnitude, AntiPaSTO's rotation angle)."""
     chosen = _alpha_paths(state, pattern, "scale")
-    factor = jnp.asarray(factor, jnp.float32)
+    factor = as_alpha(factor, what="scale factor")
     return _rebuild(state, lambda path, var: var[...] * factor if path in chosen else None)
 
 

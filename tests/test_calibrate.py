@@ -103,6 +103,17 @@ def test_until_stops_early():
     assert seen == [1, 2] and int(stats["up"]["calls"]) == 2
 
 
+def test_non_finite_statistics_name_the_layers():
+    model = MLP(nnx.Rngs(0))
+    batches = _batches(2, (3, 6))
+    batches[1] = batches[1].at[0, 2].set(jnp.nan)
+    kw = dict(paths=["up", "down"], init=_sums_init, update=_sums_update)
+    with pytest.raises(ValueError, match=r"non-finite activations .* layer\(s\) \['up', 'down'\]"):
+        collect_statistics(model, batches, **kw)
+    stats = collect_statistics(model, batches, check_finite=False, **kw)
+    assert np.isnan(np.asarray(stats["up"]["sum"])).any()
+
+
 def test_errors():
     model = MLP(nnx.Rngs(0))
     kw = dict(init=_sums_init, update=_sums_update)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import lora_jax as lj
@@ -45,12 +46,27 @@ def test_unknown_variant_and_option_messages():
         (dict(pattern="x", variant="lora"), TypeError, "must be a variant config such as LoRAConfig"),
         (dict(pattern="(", variant=lj.LoRAConfig()), ValueError, "not a valid regular expression"),
         (dict(pattern="x", variant=lj.LoRAConfig(), roles=("head",)), ValueError, "unknown role"),
-        (dict(pattern="x", variant=lj.LoRAConfig(), exclude="up"), TypeError, "must be a tuple"),
+        (dict(pattern="x", variant=lj.LoRAConfig(), roles=("writer", "x")), ValueError, r"unknown role\(s\) \['x'\]"),
+        (dict(pattern="x", variant=lj.LoRAConfig(), layers=("0",)), TypeError, r"layer indices .* got \['0'\]"),
+        (dict(pattern="x", variant=lj.LoRAConfig(), layers=(True,)), TypeError, "layer indices"),
+        (dict(pattern="x", variant=lj.LoRAConfig(), layers=(-1,)), ValueError, "no counting from the end"),
+        (dict(pattern="x", variant=lj.LoRAConfig(), layers=1.0), TypeError, r"Rule.layers must be a tuple of int"),
+        (dict(pattern="x", variant=lj.LoRAConfig(), exclude=(3,)), TypeError, "regular expression strings"),
+        (dict(pattern=3, variant=lj.LoRAConfig()), TypeError, "Rule.pattern must be a regular expression"),
     ],
 )
 def test_bad_rules(kwargs, error, message):
     with pytest.raises(error, match=message):
         lj.Rule(**kwargs)
+
+
+def test_single_layer_role_or_exclude_is_a_one_element_tuple():
+    rule = lj.Rule(pattern="x", variant=lj.LoRAConfig(), layers=5, roles="writer", exclude="up")
+    assert (rule.layers, rule.roles, rule.exclude) == ((5,), ("writer",), ("up",))
+    assert rule == lj.Rule(pattern="x", variant=lj.LoRAConfig(), layers=(5,), roles=("writer",), exclude=("up",))
+    assert lj.Rule.from_dict(rule.to_dict()) == rule
+    numpy_layers = lj.Rule(pattern="x", variant=lj.LoRAConfig(), layers=np.arange(2).tolist() + [np.int64(4)])
+    assert numpy_layers.layers == (0, 1, 4) and all(type(i) is int for i in numpy_layers.layers)
 
 
 def test_bad_variant_options():

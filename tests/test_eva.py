@@ -183,6 +183,21 @@ def test_kernel_batch_layers_get_one_pca_per_matrix(name):
         assert np.all(_abs_cos(a[i], vectors) >= 0.999)
 
 
+@pytest.mark.filterwarnings("ignore:eva_init. the components did not converge:UserWarning")  # two batches only
+def test_non_finite_activations_name_the_layers():
+    model = TwoBranch()
+    eva = lj.AdapterConfig(rules=(lj.Rule(pattern="^(a|b|c)$", variant=lj.EVAConfig(r=2)),))
+    batches = _branch_batches(2)
+    batches[1] = {**batches[1], "y": batches[1]["y"].at[3, 0].set(jnp.inf)}
+    with pytest.raises(ValueError, match=r"EVA: the calibration data produced non-finite .* layer\(s\) \['b', 'c'\]"):
+        lj.eva_init(model, eva, batches)
+    assert list(lj.iter_adapters(model)) == []
+    # the same row masked out as padding: calibration goes through, with finite components
+    mask = lambda b: jnp.isfinite(b["y"]).all(-1).astype(jnp.float32)
+    adapted = lj.eva_init(model, eva, batches, mask=mask)
+    assert all(bool(jnp.isfinite(a.lora_a[...]).all()) for _, a in lj.iter_adapters(adapted))
+
+
 def test_errors():
     model = TwoBranch()
     eva = lj.AdapterConfig(rules=(lj.Rule(pattern="^a$", variant=lj.EVAConfig(r=4)),))

@@ -189,11 +189,52 @@ def test_import_names_what_does_not_fit(tmp_path):
         import_peft(tmp_path, Net(), hf_name=lambda p: swapped.get(p))
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LOHA"}))
-    with pytest.raises(PeftFormatError, match=r"tensor 'base_model.model.o.lora_A.weight' is not"):
+    loha = r"adapter_config.json: peft_type 'LOHA' is not supported \(supported: IA3, LORA\)"
+    with pytest.raises(PeftFormatError, match=loha):
+        import_peft(tmp_path, Net(), hf_name=same_name)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": 8, "rank_pattern": {}}))
+    with pytest.raises(PeftFormatError, match=r"module 'o': adapter_config.json gives r=8 .* lora_A.weight has rank 2"):
         import_peft(tmp_path, Net(), hf_name=same_name)
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["head"]}))
     with pytest.raises(PeftFormatError, match=r"PEFT options \{'modules_to_save': \['head'\]\} are not supported"):
         import_peft(tmp_path, Net(), hf_name=same_name)
+
+
+def test_unreadable_files_are_named_and_the_base_is_untouched(tmp_path):
+    export_peft(tmp_path, trained(Net()), hf_name=same_name)
+    base = Net()
+    before = jax.tree.map(np.asarray, nnx.state(base))
+    weights = (tmp_path / "adapter_model.safetensors").read_bytes()
+    (tmp_path / "adapter_model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(PeftFormatError, match=r"adapter_model.safetensors cannot be read as safetensors .*truncated"):
+        import_peft(tmp_path, base, hf_name=same_name)
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA",')
+    with pytest.raises(PeftFormatError, match=r"adapter_config.json is not valid JSON"):
+        import_peft(tmp_path, base, hf_name=same_name)
+    (tmp_path / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(PeftFormatError, match=r"adapter_config.json holds a list, not a JSON object"):
+        import_peft(tmp_path, base, hf_name=same_name)
+    with pytest.raises(FileNotFoundError, match=r"nowhere/adapter_config.json: no adapter_config.json"):
+        import_peft(tmp_path / "nowhere", base, hf_name=same_name)
+    assert list(iter_adapters(base)) == []
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(base), before)
+
+
+@pytest.mark.parametrize(("use_dora", "kept"), [(True, 0.0), (False, 0.1)], ids=["dora", "lora"])
+def test_lora_dropout_imports_and_changes_nothing_at_inference(tmp_path, use_dora, kept):
+    base = Net()
+    torch.manual_seed(0)
+    cfg = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["up", "q"], init_lora_weights=False, use_dora=use_dora, lora_dropout=0.1
+    )
+    peft_model = peft.get_peft_model(torch_mirror(base), cfg)
+    peft_model.save_pretrained(str(tmp_path))
+    peft_model.eval()
+    model = import_peft(tmp_path, base, hf_name=same_name)
+    assert {a.config.name for _, a in iter_adapters(model)} == {"dora" if use_dora else "lora"}
+    assert {a.config.dropout for _, a in iter_adapters(model)} == {kept}  # DoRA drops it, LoRA keeps it
+    model.eval()
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(X))), torch_out(peft_model), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")  # inside PEFT's save_pretrained

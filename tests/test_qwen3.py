@@ -214,10 +214,15 @@ def _add_q_bias(t):
     t["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(64)
 
 
+def _int_down_proj(t):  # an integer weight must not be cast to float as if it were the weight
+    t["model.layers.0.mlp.down_proj.weight"] = (100 * t["model.layers.0.mlp.down_proj.weight"]).to(torch.int32)
+
+
 @pytest.mark.parametrize(
     ("edit", "error", "message"),
     [
         (_drop_up_proj, KeyError, r"model\.layers\.1\.mlp\.up_proj\.weight.*missing"),
+        (_int_down_proj, ValueError, r"'model\.layers\.0\.mlp\.down_proj\.weight' has dtype int32, not a floating"),
         (_transpose_k_proj, ValueError, r"k_proj\.weight' has shape \(64, 32\).*implies \(32, 64\)"),
         (_add_q_bias, ValueError, r"does not use: \['model\.layers\.0\.self_attn\.q_proj\.bias'\]"),
     ],
@@ -229,6 +234,23 @@ def test_bad_tensors_are_named(checkpoint, tmp_path, edit, error, message):
     edit(tensors)
     safetensors_torch.save_file(tensors, dst / "model.safetensors")
     with pytest.raises(error, match=message):
+        load_hf(dst)
+
+
+def test_unreadable_files_are_named(checkpoint, tmp_path):
+    _, path, _ = checkpoint
+    dst = _copy_ckpt(path, tmp_path)
+    weights = (dst / "model.safetensors").read_bytes()
+    (dst / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match=r"ckpt/model\.safetensors cannot be read as safetensors .*truncated"):
+        load_hf(dst)
+    (dst / "config.json").write_text('{"model_type": "qwen3",')
+    with pytest.raises(ValueError, match=r"ckpt/config\.json is not valid JSON"):
+        load_hf(dst)
+    (dst / "model.safetensors").unlink()
+    (dst / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "part-2.st"}}))
+    shutil.copy(path / "config.json", dst / "config.json")
+    with pytest.raises(FileNotFoundError, match=r"index\.json lists shard file\(s\) \['part-2\.st'\]"):
         load_hf(dst)
 
 

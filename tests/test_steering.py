@@ -84,6 +84,8 @@ def test_sweep_errors():
         sweep(model, fn, [], inputs=_x())
     with pytest.raises(ValueError, match="1-D vector"):
         sweep(model, fn, [[0.0, 1.0]], inputs=_x())
+    with pytest.raises(ValueError, match="alphas must be finite"):
+        sweep(model, fn, [0.0, float("nan")], inputs=_x())
     with pytest.raises(ValueError, match="mode='batch' is not one of"):
         sweep(model, fn, ALPHAS, inputs=_x(), mode="batch")
     with pytest.raises(NoMatchError, match="matched no adapter"):

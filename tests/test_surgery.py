@@ -187,6 +187,31 @@ def test_per_row_alpha_equals_row_by_row_calls():
         np.testing.assert_allclose(together[i], adapted(x[i : i + 1])[0], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("variant", "pattern"),
+    [(LORA, "proj"), (lj.IA3Config(), "proj"), (lj.ROADConfig(group_size=4), "up_proj|down_proj")],
+    ids=["lora", "ia3", "road"],
+)
+def test_per_row_alpha_of_the_wrong_length_is_named(variant, pattern):
+    adapted = lj.apply_adapters(Tiny(n=1), cfg(dict(pattern=pattern, variant=variant)))
+    lj.set_alpha(adapted, jnp.ones(3))
+    with pytest.raises(ValueError, match="alpha has 3 values but the input has 4 rows"):
+        adapted(jnp.ones((4, 2, 16)))
+    # a batch of one would broadcast to three outputs: refused too, at trace time under jit
+    with pytest.raises(ValueError, match="alpha has 3 values but the input has 1 rows"):
+        nnx.jit(lambda m, x: m(x))(adapted, jnp.ones((1, 2, 16)))
+    assert adapted(jnp.ones((3, 2, 16))).shape == (3, 2, 5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), [0.0, float("nan")], 1e39])
+def test_set_alpha_refuses_non_finite_values_and_changes_nothing(bad):
+    adapted = lj.apply_adapters(Tiny(n=1), cfg(dict(pattern="proj", variant=LORA)))
+    lj.set_alpha(adapted, 0.5)
+    with pytest.raises(ValueError, match="alpha must be finite"):
+        lj.set_alpha(adapted, bad)
+    assert all(float(a.alpha[...]) == 0.5 for _, a in lj.iter_adapters(adapted))
+
+
 def test_set_alpha_selects_by_pattern_and_rejects_bad_input():
     adapted = lj.apply_adapters(Tiny(), cfg(dict(pattern="proj", variant=LORA)))
     assert lj.set_alpha(adapted, 0.5, pattern=r"layers\.0\.") == 4

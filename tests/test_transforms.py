@@ -76,6 +76,10 @@ def test_set_alpha_matches_module_level():
     np.testing.assert_array_equal(y, jitted_module(model))
     with pytest.raises(NoMatchError, match=r"matched no adapter; adapters in this state: \['down', 'up'\]"):
         set_alpha(state, 0.0, pattern="attn")
+    with pytest.raises(ValueError, match=r"alpha must be finite, got \[1.0, nan\]"):
+        set_alpha(state, jnp.array([1.0, jnp.nan]))
+    with pytest.raises(ValueError, match=r"scale factor must be finite, got inf"):
+        scale(state, jnp.inf)
 
 
 def test_vmap_sweep_over_alpha_is_the_loop_of_module_calls():

@@ -74,12 +74,28 @@ def hf_tensor_name(param_path: str) -> str:
     return f"{to_hf_name(module)}.{_PARAM_NAMES[param]}"
 
 
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); re-download or re-save the checkpoint") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} holds a {type(data).__name__}, not a JSON object")
+    return data
+
+
 def _read_tensors(path: Path) -> dict:
-    from safetensors import safe_open  # interop dependency: only loading needs it
+    from safetensors import SafetensorError, safe_open  # interop dependency: only loading needs it
 
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no 'weight_map' object (tensor name -> shard file)")
+        files = sorted(set(weight_map.values()))
+        missing = [name for name in files if not (path / name).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shard file(s) {missing} that are not in {path}")
     elif (path / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
@@ -88,21 +104,30 @@ def _read_tensors(path: Path) -> dict:
         )
     tensors = {}
     for name in files:
-        with safe_open(str(path / name), framework="flax") as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
+        try:
+            with safe_open(str(path / name), framework="flax") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except SafetensorError as err:  # its message names neither the file nor a fix
+            raise ValueError(
+                f"{path / name} cannot be read as safetensors ({err}); is it truncated or not a safetensors "
+                "file? Re-download or re-save the checkpoint"
+            ) from err
     return tensors
 
 
 def load_hf(path: str | Path, *, param_dtype=jnp.float32) -> Qwen3:
     """Build :class:`Qwen3` from an HF checkpoint directory (``config.json`` plus
     ``model.safetensors`` or a sharded ``model.safetensors.index.json``), offline.
-    Weights are cast to ``param_dtype``. Raises on an unsupported architecture, a missing
-    or wrongly shaped tensor, or a tensor the model would not use."""
+    Float weights (any precision) are cast to ``param_dtype``. Raises, naming the file or
+    tensor, on an unsupported architecture, unreadable JSON or safetensors, a missing or
+    wrongly shaped tensor, a tensor that is not floating point (an integer or quantized
+    weight is never cast to float as if it were the weight), or a tensor the model would
+    not use."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path}: no config.json; pass a local HF checkpoint directory")
-    cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+    cfg = config_from_hf(_read_json(path / "config.json"))
     tensors = _read_tensors(path)
     model = nnx.eval_shape(lambda: Qwen3(cfg, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     used = set()
@@ -112,6 +137,11 @@ def load_hf(path: str | Path, *, param_dtype=jnp.float32) -> Qwen3:
         if name not in tensors:
             raise KeyError(f"{path}: tensor {name!r} (for {param_path}) is missing from the checkpoint")
         value = tensors[name]
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            raise ValueError(
+                f"{path}: tensor {name!r} has dtype {value.dtype}, not a floating-point dtype; a weight is "
+                "loaded only from float tensors (a quantized checkpoint needs dequantizing first)"
+            )
         if parts[-1] == "kernel":
             # the HF weight is (d_out, d_in); o_proj contracts (N, H), the others one axis
             split = len(var.shape) - 1 if parts[-2] == "o_proj" else 1

@@ -8,6 +8,8 @@ Runtime alpha: the gate is ``l ** alpha`` (``Re(l ** alpha)`` on the principal b
 :func:`lora_jax.rotations.gate_power`): alpha = 0 gives a gate of exactly 1 (the base),
 alpha = -1 gives ``1 / l`` (the exact inverse). A negative entry of ``l`` passes through 0
 at alpha = 1/2; an entry of exactly 0 has no inverse and is floored at 1e-6 for alpha < 0.
+A huge alpha overflows: ``l ** alpha`` is inf in float32 once ``|alpha log l|`` passes
+about 88 (e.g. alpha = 1e6 for any trained gate); that is the power, kept as it is.
 The bias is gated too, as PEFT does (the gate acts on the layer's output). Use
 :class:`~lora_jax.variants.ia3_ff.IA3FFConfig` for PEFT's ``feedforward_modules``.
 Checked against ``peft.tuners.ia3.layer.Linear`` with ``is_feedforward=False``

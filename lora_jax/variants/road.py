@@ -15,7 +15,9 @@ Runtime alpha: for alpha >= 0 angles scale to ``alpha theta`` and magnitudes to
 ``|m| ** alpha`` (a negative m is folded into the angle, ``m cos t = |m| cos(t + pi)``);
 alpha < 0 applies the exact inverse of every 2x2 block at ``|alpha|``. So alpha = 0 is
 the base, alpha = -1 undoes alpha = 1 (for ``road_1``: rotation by -theta, scale 1/m),
-and a singular block (determinant 0) has its determinant floored at 1e-12.
+and a singular block (determinant 0) has its determinant floored at 1e-12. A huge alpha
+overflows: ``|m| ** alpha`` is inf in float32 once ``|alpha log |m||`` passes about 88;
+that is the power, kept as it is.
 Checked against ``peft.tuners.road.layer.Linear`` (tests/test_road.py).
 """
 

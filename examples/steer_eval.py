@@ -39,8 +39,8 @@ class AddVector(nnx.Module):
     def __call__(self, x):
         y = self.layer(x)
         coef = self.coef[...]
-        coef = coef.reshape(coef.shape + (1,) * (y.ndim - coef.ndim)) if coef.ndim else coef
-        return y + (coef * self.vector[...]).astype(y.dtype)
+        coef = coef.reshape(coef.shape + (1,) * (y.ndim - coef.ndim))  # scalar, or one value per row
+        return y + (coef * self.vector[...].reshape((1,) * (y.ndim - 1) + (-1,))).astype(y.dtype)
 
 
 @dataclasses.dataclass

@@ -83,9 +83,10 @@ def _kernel_letters(info: ViewInfo) -> str:
 def stack_depth(module: nnx.Module, info: ViewInfo) -> int:
     """How many leading kernel axes the view's equation does not name (0: not stacked).
     Conv and Embed views describe their own kernels whole: never stacked."""
-    if info.kind != "einsum":
+    kernel = getattr(module, info.kernel)
+    if info.kind != "einsum" or not hasattr(kernel, "ndim"):  # opaque containers: the variant names them
         return 0
-    return max(0, getattr(module, info.kernel).ndim - len(_kernel_letters(info)))
+    return max(0, kernel.ndim - len(_kernel_letters(info)))
 
 
 def stacked_target(path: str, module: nnx.Module, info: ViewInfo) -> StackedTarget:

@@ -7,4 +7,4 @@ ruff check lora_jax tests examples benchmarks
 # One BLAS/LAPACK thread per worker: two workers share two cores, and oversubscribed
 # LAPACK calls (QR, eigh) inside jit were seen to stall for seconds.
 export OMP_NUM_THREADS=1
-python -m pytest -q -n 2 tests "$@"
+python -m pytest -q -n 2 --durations=20 tests "$@"

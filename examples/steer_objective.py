@@ -47,7 +47,8 @@ def encode_pairs(tokenizer, data: dict, items: list[dict]) -> dict[str, np.ndarr
     prompts = [chat_prompt(tokenizer, data["positive_system"], it["question"]) for it in items]
     prompts += [chat_prompt(tokenizer, data["negative_system"], it["question"]) for it in items]
     answers = [it["continuation"] for it in items] * 2
-    enc = tokenizer([p + a for p, a in zip(prompts, answers, strict=True)], padding=True, return_tensors="np")
+    texts = [p + a for p, a in zip(prompts, answers, strict=True)]
+    enc = tokenizer(texts, padding=True, padding_side="right", return_tensors="np")  # positions below assume it
     mask = np.asarray(enc["attention_mask"], bool)
     tokens = np.asarray(enc["input_ids"], np.int32)
     n_prompt = np.array([len(tokenizer(p, return_tensors="np")["input_ids"][0]) for p in prompts])

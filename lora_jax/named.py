@@ -110,20 +110,20 @@ def _check_name(name: Any) -> None:
         )
 
 
+def _serials(model: nnx.Module) -> dict[str, int]:
+    return {n: s for _, layer in layers(model) for n, s in zip(layer.names, layer.serials, strict=True)}
+
+
 def names(model: nnx.Module) -> list[str]:
     """Every adapter name in the model, in order of addition."""
-    seen: dict[str, None] = {}
-    for _, layer in layers(model):
-        seen.update(dict.fromkeys(layer.names))
-    return list(seen)
+    serials = _serials(model)
+    return sorted(serials, key=serials.get)
 
 
 def active(model: nnx.Module) -> list[str]:
-    """The active adapter names (they run in plain mode and train)."""
-    seen: dict[str, None] = {}
-    for _, layer in layers(model):
-        seen.update(dict.fromkeys(layer.active))
-    return list(seen)
+    """The active adapter names (they run in plain mode and train), in order of addition."""
+    on = {n for _, layer in layers(model) for n in layer.active}
+    return [n for n in names(model) if n in on]
 
 
 def _require(model: nnx.Module, wanted: Sequence[str | None], what: str) -> None:
@@ -147,7 +147,7 @@ def _to_named(model: nnx.Module) -> None:
             )
         layer = NamedLayer(adapter.base, adapter.info, adapter.spec)
         layer.adapters[DEFAULT] = adapter
-        layer.names, layer.active = (DEFAULT,), (DEFAULT,)
+        layer.names, layer.active, layer.serials = (DEFAULT,), (DEFAULT,), (0,)
         _put(model, parts_of[path], layer)
 
 
@@ -173,6 +173,7 @@ def _adopt(new: nnx.Module, name: str, plain: nnx.Module, *, make_active: bool) 
     """In place on ``new``: put the adapters of the plain adapted model ``plain`` (built on
     a base view of ``new``) into ``new``'s layers under ``name``."""
     parts_of = _module_parts(new)
+    serial = max(_serials(new).values(), default=-1) + 1
     for path, adapter in iter_adapters(plain):
         if stacked.layer_mask(adapter) is not None or isinstance(adapter, ragged.RaggedLoRA):
             raise ValueError(
@@ -188,7 +189,7 @@ def _adopt(new: nnx.Module, name: str, plain: nnx.Module, *, make_active: bool) 
         if not make_active:
             park(adapter)
         here.adapters[name] = adapter
-        here.names = (*here.names, name)
+        here.names, here.serials = (*here.names, name), (*here.serials, serial)
         if make_active:
             here.active = (*here.active, name)
 
@@ -242,7 +243,9 @@ def delete(model: M, name: str) -> M:
         if name not in layer.names:
             continue
         del layer.adapters[name]
-        layer.names = tuple(n for n in layer.names if n != name)
+        keep = [k for k, n in enumerate(layer.names) if n != name]
+        layer.serials = tuple(layer.serials[k] for k in keep)
+        layer.names = tuple(layer.names[k] for k in keep)
         layer.active = tuple(n for n in layer.active if n != name)
         if not layer.names:
             _put(new, parts_of[path], layer.base)

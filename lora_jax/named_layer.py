@@ -126,6 +126,7 @@ class NamedLayer(nnx.Module):
         self.adapters = nnx.Dict()
         self.names: tuple[str, ...] = ()  # order of addition: route indices point into it
         self.active: tuple[str, ...] = ()
+        self.serials: tuple[int, ...] = ()  # per name: when it was added to the model (names() order)
         self.route = Route(jnp.zeros((0,), jnp.int32))
         self.route_alpha = Route(jnp.zeros((0,), jnp.float32))
 

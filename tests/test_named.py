@@ -139,6 +139,12 @@ def test_delete(base):
     np.testing.assert_array_equal(forward(bare, X), forward(base, X))
 
 
+def test_names_keep_the_order_of_addition_across_layers(base):
+    model = named.add(base, "first", cfg(LoRAConfig(r=2), pattern="up"))
+    model = named.add(model, "second", cfg(LoRAConfig(r=2), pattern="down"))  # "down" comes first in the graph
+    assert named.names(model) == ["first", "second"] == named.active(model)
+
+
 def test_bad_names_and_routes_are_refused(base):
     model = three_loras(base)
     with pytest.raises(ValueError, match="already has an adapter named 'a'"):

@@ -44,9 +44,10 @@ from flax import nnx
 from jaxtyping import Array
 
 from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Alpha
-from lora_jax.views import EinsumSpec, ViewInfo
+from lora_jax.einsum_spec import EinsumSpec
+from lora_jax.views import ViewInfo
 
-__all__ = ["NamedLayer", "Parked", "Route", "park", "unpark"]
+__all__ = ["NamedLayer", "Parked", "Route", "park", "refuse_named", "unpark"]
 
 
 class Parked(nnx.Variable):
@@ -102,6 +103,18 @@ def unpark(adapter: Adapter) -> None:
         return kind(var.get_value(), **meta)
 
     _swap_types(adapter, make)
+
+
+def refuse_named(model: nnx.Module, what: str) -> None:
+    """Raise if ``model`` holds named adapters: ``what`` (a whole-model service written for
+    one adapter per layer) would see each name's adapter as a layer of its own."""
+    for parts, module in nnx.iter_modules(model):
+        if isinstance(module, NamedLayer):
+            where = ".".join(str(p) for p in parts)
+            raise ValueError(
+                f"{what} got a model with named adapters (at {where!r}); take one with "
+                f"lora_jax.named.only(model, name) first, or use lora_jax.named's own add / save"
+            )
 
 
 def _check_rows(name: str, alpha: Array, x: Array) -> None:
@@ -193,6 +206,13 @@ class NamedLayer(nnx.Module):
                 f"the route has {route.shape[0]} rows but the input has {x.shape[0]} (shape {tuple(x.shape)}); "
                 "call lora_jax.named.route with one entry per row of this batch"
             )
+        for name in self.names:
+            dropout = vars(self.adapters[name]).get("dropout")
+            if isinstance(dropout, nnx.Dropout) and dropout.rate > 0 and not dropout.deterministic:
+                raise ValueError(
+                    f"adapter {name!r} has dropout {dropout.rate}, which a routed batch does not apply per row; "
+                    "call model.eval() for serving, or train it unrouted (named.unroute)"
+                )
         groups = self._groups()
         slots, row_alphas = [], []
         for members, *_ in groups:

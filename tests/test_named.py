@@ -26,10 +26,11 @@ from lora_jax import (
     ROADConfig,
     Rule,
     apply_adapters,
+    checkpoint,
+    merge_adapters,
     named,
     set_alpha,
 )
-from lora_jax.checkpoint import CheckpointError
 from lora_jax.models import Qwen3, generate, generate_scored, tiny_config
 from lora_jax.models import qwen3 as qwen3_module
 from lora_jax.peft_format import export_peft
@@ -164,6 +165,29 @@ def test_bad_names_and_routes_are_refused(base):
         named.add(model, "e", LoRAConfig(r=2))
 
 
+def test_single_adapter_services_refuse_a_named_model(base, tmp_path):
+    model = three_loras(base)
+    for call, what in [
+        (lambda: merge_adapters(model), "merge_adapters"),
+        (lambda: apply_adapters(model, cfg(LoRAConfig(r=2))), "apply_adapters"),
+        (lambda: checkpoint.save(tmp_path / "c", model), "checkpoint.save"),
+    ]:
+        with pytest.raises(ValueError, match=rf"{what} got a model with named adapters .*named.only"):
+            call()
+    assert not (tmp_path / "c").exists()
+    merged = merge_adapters(named.only(model, "a"))  # the way to merge one name
+    np.testing.assert_allclose(forward(merged, X), forward(named.only(model, "a"), X), rtol=1e-5, atol=1e-5)
+
+
+def test_a_routed_batch_refuses_dropout_in_training(base):
+    model = named.add(base, "drop", cfg(LoRAConfig(r=2, dropout=0.1)))
+    named.route(model, ["drop"] * 6)
+    with pytest.raises(ValueError, match="has dropout 0.1, which a routed batch does not apply"):
+        model(X)
+    model.eval()
+    np.testing.assert_array_equal(model(X), named.only(model, "drop")(X))
+
+
 # -- files --------------------------------------------------------------------------------
 def test_save_and_restore_by_name_and_all(base, tmp_path):
     model = three_loras(base)
@@ -181,7 +205,7 @@ def test_save_and_restore_by_name_and_all(base, tmp_path):
     for m in (model, again):
         named.route(m, rows, alpha=[1.0, 1.0, -1.0, 0.5, 1.0, 2.0])
     np.testing.assert_array_equal(forward(again, X), forward(model, X))
-    with pytest.raises(CheckpointError, match="not a save of every name"):
+    with pytest.raises(checkpoint.CheckpointError, match="not a save of every name"):
         named.restore(tmp_path / "one", base)
 
 

@@ -131,7 +131,14 @@ def model_rows(k: int, rows: int, tokens: int, d: int, layers: int, r: int):
         "K separate": lambda: [f() for f in fwd_singles],
         "merged": forward_fn(merged, tokens_in),
     }
-    return fns, slot_bytes
+    return fns, slot_bytes, {"mixed": temp_bytes(mixed, tokens_in), "one adapter": temp_bytes(one, tokens_in)}
+
+
+def temp_bytes(model: nnx.Module, x: jax.Array) -> int:
+    """XLA's temporary buffers of the compiled forward (activations, gathered weights)."""
+    graphdef, state = nnx.split(model)
+    compiled = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
 
 
 def main() -> None:
@@ -158,11 +165,13 @@ def main() -> None:
     print(f"\n## Qwen3-shaped model ({args.layers} blocks, d {args.d}), LoRA r={args.r} on every projection")
     print("| K | row | ms | / merged | / one adapter |\n|---|---|---|---|---|")
     for k in args.ks:
-        fns, slot_bytes = model_rows(k, args.rows, args.tokens, args.d, args.layers, args.r)
+        fns, slot_bytes, temps = model_rows(k, args.rows, args.tokens, args.d, args.layers, args.r)
         t = interleaved(fns, args.reps)
         for name in t.times:
             print(f"| {k} | {name} | {1e3 * t.median(name):.1f} | {t.ratio(name, 'merged'):.2f} | "
                   f"{t.ratio(name, 'one adapter'):.2f} |")
+        print(f"| {k} | compiled temporaries (MiB): mixed {temps['mixed'] / 2**20:.1f}, "
+              f"one adapter {temps['one adapter'] / 2**20:.1f} | | | |")
     print(f"\nmemory of one adapter slot: {slot_bytes / 2**20:.2f} MiB (its LoRA weights over every layer); a "
           f"mixed forward also gathers one copy per row and layer transiently")
 

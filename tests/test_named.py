@@ -313,6 +313,23 @@ def test_hot_swap_loads_weights_without_tracing_again(base, tmp_path):
         named.load(model, "a", _saved(narrow, "n", tmp_path / "n"))
 
 
+def test_hot_swap_of_a_steering_adapter_is_exact(base, tmp_path):
+    steer = cfg(AntiPaSTOConfig(r=4, block_size=2), pattern="down")
+    model = named.add(three_loras(base), "steer", steer)
+    donor = named.add(base, "steer", cfg(AntiPaSTOConfig(r=4, block_size=2), pattern="down", seed=3))
+    randomize(donor, 17)
+    named.route(model, ["steer", "a", "steer", None, "b", "c"], alpha=[1.0, 1.0, -1.0, 1.0, 1.0, 1.0])
+    before = forward(model, X)
+    named.load(model, "steer", _saved(donor, "steer", tmp_path / "steer"))
+    after = forward(model, X)
+    np.testing.assert_array_equal(after[0], _at(donor, X[0:1], 1.0))  # same slot shapes: bit for bit
+    np.testing.assert_array_equal(after[1:2], before[1:2])
+    wrong = named.add(base, "steer", cfg(AntiPaSTOConfig(r=4, block_size=4), pattern="down"))
+    with pytest.raises(ValueError, match="a slot takes weights of the same variant config"):
+        named.load(model, "steer", _saved(wrong, "steer", tmp_path / "wrong"))
+    np.testing.assert_array_equal(forward(model, X), after)  # nothing changed by the refused load
+
+
 def _at(model, x, alpha):
     alone = named.only(model, named.names(model)[0])
     set_alpha(alone, alpha)

@@ -98,6 +98,9 @@ def test_plain_mode_chains_the_active_adapters(base):
     up = lambda m: m.up(X)
     np.testing.assert_allclose(up(model), up(only_a) + up(only_b) - base.up(X), rtol=1e-5, atol=1e-5)
     assert not np.allclose(y, forward(only_a, X))
+    assert named.set_alpha(model, "a", 0.0) == 2  # layers set; alpha 0 is an exact no-op
+    np.testing.assert_array_equal(forward(model, X), forward(only_b, X))
+    named.set_alpha(model, "a", 1.0)
     named.deactivate(model, "a", "b")
     np.testing.assert_array_equal(forward(model, X), forward(base, X))
 

@@ -28,7 +28,7 @@ from lora_jax.checkpoint.records import (
     read_item,
     read_meta,
 )
-from lora_jax.surgery import iter_adapters
+from lora_jax.paths import iter_adapters
 
 
 class TrainCheckpointer:

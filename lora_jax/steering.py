@@ -36,6 +36,7 @@ from jaxtyping import Array, ArrayLike, Float
 from lora_jax.adapter import as_alpha
 from lora_jax.paths import NoMatchError, iter_adapters, select
 from lora_jax.transforms import set_alpha
+from lora_jax.validation import is_int
 
 __all__ = ["sweep", "sweep_metrics", "SweepMetrics", "format_table", "plot_sweep", "sweep_figure"]
 
@@ -111,7 +112,7 @@ def sweep(
     if batch_size is not None:
         if mode != "vmap":
             raise ValueError(f"sweep: batch_size applies to mode='vmap' only, got mode={mode!r}")
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"sweep: batch_size={batch_size!r} must be a positive integer (alphas per step)")
     if pattern is not None:
         select(iter_adapters(model), pattern, caller="sweep")

@@ -82,7 +82,7 @@ def projection_stats(
 
 def full_svd(adapter: AntiPaSTO) -> Svd:
     """Every singular triplet of the adapter's base kernel, largest first."""
-    kernel = getattr(adapter.base, adapter.info.kernel)[...]
+    kernel = adapter.base_kernel("to select dimensions")
     matrix = adapter.spec.kernel_to_matrix(kernel).astype(jnp.promote_types(adapter.dtype, jnp.float32))
     return jnp.linalg.svd(matrix, full_matrices=False)
 

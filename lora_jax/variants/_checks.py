@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from jaxtyping import Array, Float
+
 from lora_jax.adapter import Target
 from lora_jax.validation import is_int
 
@@ -19,3 +23,9 @@ def check_rank(variant: str, r: int, target: Target) -> None:
 def check_dropout(variant: str, p: float) -> None:
     if not 0.0 <= p < 1.0:
         raise ValueError(f"{variant}: dropout={p} must be in [0, 1)")
+
+
+def dense_kernel(variant: str, target: Target, dtype: Any) -> Float[Array, "*batch d_in d_out"]:
+    """``target.kernel_matrix(variant, dtype)``: the guarded read (:func:`lora_jax.adapter.layer_kernel`)
+    under the name variants used before it moved there."""
+    return target.kernel_matrix(variant, dtype)

@@ -44,7 +44,8 @@ from lora_jax import checkpoint, peft_format, ragged, stacked
 from lora_jax.adapter import Adapter, AdapterParam, AdapterState, as_alpha
 from lora_jax.config import AdapterConfig
 from lora_jax.named_layer import NamedLayer, Parked, Route, park, unpark
-from lora_jax.surgery import find_targets, iter_adapters
+from lora_jax.paths import dotted, iter_adapters, module_paths, replace_module
+from lora_jax.surgery import find_targets
 from lora_jax.variants.lora import LoRA
 
 __all__ = [
@@ -80,27 +81,9 @@ def _child(parent: Any, key: Any) -> Any:
     return parent[key] if isinstance(parent, nnx.List | nnx.Dict | list | dict) else getattr(parent, key)
 
 
-def _put(model: nnx.Module, parts: tuple[Any, ...], new: nnx.Module) -> None:
-    parent: Any = model
-    for p in parts[:-1]:
-        parent = _child(parent, p)
-    if isinstance(parent, nnx.List | nnx.Dict | list | dict):
-        parent[parts[-1]] = new
-    else:
-        setattr(parent, parts[-1], new)
-
-
-def _dotted(parts: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in parts)
-
-
 def layers(model: nnx.Module) -> list[tuple[str, NamedLayer]]:
     """``(dotted path, NamedLayer)`` for every named-adapter layer of the model."""
-    return [(_dotted(parts), m) for parts, m in nnx.iter_modules(model) if isinstance(m, NamedLayer)]
-
-
-def _module_parts(model: nnx.Module) -> dict[str, tuple[Any, ...]]:
-    return {_dotted(parts): parts for parts, _ in nnx.iter_modules(model)}
+    return [(dotted(parts), m) for parts, m in nnx.iter_modules(model) if isinstance(m, NamedLayer)]
 
 
 def _check_name(name: Any) -> None:
@@ -136,7 +119,7 @@ def _require(model: nnx.Module, wanted: Sequence[str | None], what: str) -> None
 # -- structure: add, delete, convert -----------------------------------------------------
 def _to_named(model: nnx.Module) -> None:
     """In place: every plain adapter becomes a NamedLayer holding it as "default"."""
-    parts_of = _module_parts(model)
+    parts_of = module_paths(model)
     for path, adapter in list(iter_adapters(model)):
         if isinstance(_parent_layer(model, parts_of[path]), NamedLayer):
             continue  # already named
@@ -148,7 +131,7 @@ def _to_named(model: nnx.Module) -> None:
         layer = NamedLayer(adapter.base, adapter.info, adapter.spec)
         layer.adapters[DEFAULT] = adapter
         layer.names, layer.active, layer.serials = (DEFAULT,), (DEFAULT,), (0,)
-        _put(model, parts_of[path], layer)
+        replace_module(model, parts_of[path], layer)
 
 
 def _parent_layer(model: nnx.Module, parts: tuple[Any, ...]) -> Any:
@@ -165,14 +148,14 @@ def _base_view(model: nnx.Module) -> nnx.Module:
     """A copy with every NamedLayer replaced by its base layer: what a config targets."""
     view = nnx.clone(model)
     for path, layer in layers(view):
-        _put(view, _module_parts(view)[path], layer.base)
+        replace_module(view, module_paths(view)[path], layer.base)
     return view
 
 
 def _adopt(new: nnx.Module, name: str, plain: nnx.Module, *, make_active: bool) -> None:
     """In place on ``new``: put the adapters of the plain adapted model ``plain`` (built on
     a base view of ``new``) into ``new``'s layers under ``name``."""
-    parts_of = _module_parts(new)
+    parts_of = module_paths(new)
     serial = max(_serials(new).values(), default=-1) + 1
     for path, adapter in iter_adapters(plain):
         if stacked.layer_mask(adapter) is not None or isinstance(adapter, ragged.RaggedLoRA):
@@ -183,7 +166,7 @@ def _adopt(new: nnx.Module, name: str, plain: nnx.Module, *, make_active: bool) 
         here = _child_at(new, parts_of[path])
         if not isinstance(here, NamedLayer):
             layer = NamedLayer(here, adapter.info, adapter.spec)
-            _put(new, parts_of[path], layer)
+            replace_module(new, parts_of[path], layer)
             here = layer
         adapter.base = here.base  # share the one base layer: nothing of it is copied
         if not make_active:
@@ -221,14 +204,14 @@ def add(model: M, name: str, cfg: AdapterConfig, *, active: bool = True) -> M:
     new = _prepare(model, name)
     view = _base_view(new)
     built = nnx.clone(view)
-    parts_of = _module_parts(built)
+    parts_of = module_paths(built)
     for target, rule in find_targets(built, cfg):
         if isinstance(target, stacked.StackedTarget):
             raise ValueError(
                 f"{target.path!r} is a stacked (scanned) layer; named adapters support unstacked layers only "
                 "(exclude it from the rules)"
             )
-        _put(built, parts_of[target.path], ragged.build_adapter(target, rule.variant, seed=cfg.seed))
+        replace_module(built, parts_of[target.path], ragged.build_adapter(target, rule.variant, seed=cfg.seed))
     _adopt(new, name, built, make_active=active)
     return new
 
@@ -238,7 +221,7 @@ def delete(model: M, name: str) -> M:
     the bare base layer again."""
     _require(model, [name], "delete")
     new = nnx.clone(model)
-    parts_of = _module_parts(new)
+    parts_of = module_paths(new)
     for path, layer in layers(new):
         if name not in layer.names:
             continue
@@ -248,7 +231,7 @@ def delete(model: M, name: str) -> M:
         layer.names = tuple(layer.names[k] for k in keep)
         layer.active = tuple(n for n in layer.active if n != name)
         if not layer.names:
-            _put(new, parts_of[path], layer.base)
+            replace_module(new, parts_of[path], layer.base)
     return new
 
 
@@ -258,14 +241,14 @@ def only(model: M, name: str) -> M:
     :func:`lora_jax.peft_format.export_peft`, ``merge_adapters`` or a reference."""
     _require(model, [name], "only")
     new = nnx.clone(model)
-    parts_of = _module_parts(new)
+    parts_of = module_paths(new)
     for path, layer in layers(new):
         if name in layer.names:
             adapter = layer.adapters[name]
             unpark(adapter)
-            _put(new, parts_of[path], adapter)
+            replace_module(new, parts_of[path], adapter)
         else:
-            _put(new, parts_of[path], layer.base)
+            replace_module(new, parts_of[path], layer.base)
     return new
 
 

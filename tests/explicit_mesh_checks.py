@@ -27,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 import lora_jax as lj
 from lora_jax.checkpoint import restore, save
-from lora_jax.peft_format import export_peft, import_peft
+from lora_jax.peft import export_peft, import_peft
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -16,9 +16,10 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from lora_jax import VARIANTS, AdapterConfig, AdapterParam, LoRAConfig, Rule, apply_adapters, iter_adapters, set_alpha
+from lora_jax import AdapterConfig, AdapterParam, LoRAConfig, Rule, apply_adapters, iter_adapters, set_alpha
 from lora_jax.adapter import ADAPTER_VARIABLES
 from lora_jax.checkpoint import CheckpointError, TrainCheckpointer, restore, save
+from lora_jax.variants import VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -290,7 +290,7 @@ class ConvEmbed(nnx.Module):
 def test_conv_and_embed_peft_files_both_ways(tmp_path):
     from peft import PeftModel
 
-    from lora_jax.peft_format import export_peft, import_peft
+    from lora_jax.peft import export_peft, import_peft
 
     torch.manual_seed(0)
     torch_base = TorchConvEmbed()

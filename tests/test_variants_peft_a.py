@@ -25,8 +25,8 @@ from lora_jax import (
     merge_adapters,
     register_view,
     set_alpha,
-    to_lora,
 )
+from lora_jax.variants import to_lora
 
 CONFIGS = {
     "pissa": PiSSAConfig(r=2, lora_alpha=4.0),

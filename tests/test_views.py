@@ -14,7 +14,7 @@ from lora_jax.views import EinsumSpec, spec_of
 
 
 def _spec(layer):
-    return spec_of(layer, lj.view_of(layer))
+    return spec_of(layer, lj.views.view_of(layer))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)

@@ -1,10 +1,10 @@
 """One file per adapter method. ``VARIANTS`` maps a config's ``name`` to its class; it is
 written out here, not filled by import side effects, so the list is one place to read."""
 
-from lora_jax.adapter import VariantConfig
+from lora_jax.adapter import Target, VariantConfig
 from lora_jax.variants.antipasto import AntiPaSTO, AntiPaSTOConfig, DeltaS, RotationParam
-from lora_jax.variants.delora import DeLoRA, DeLoRAConfig
-from lora_jax.variants.dora import DoRA, DoRAConfig
+from lora_jax.variants.delora import DeLoRA, DeLoRAConfig, DeLoRALambda
+from lora_jax.variants.dora import DoRA, DoRAConfig, DoRAMagnitude
 from lora_jax.variants.eva import EVA, EVAConfig
 from lora_jax.variants.hra import HRA, HRAConfig, hra_orthogonality_penalty
 from lora_jax.variants.ia3 import IA3, IA3Config
@@ -43,9 +43,11 @@ __all__ = [
     "ConvLoRA",
     "DeLoRA",
     "DeLoRAConfig",
+    "DeLoRALambda",
     "DeltaS",
     "DoRA",
     "DoRAConfig",
+    "DoRAMagnitude",
     "EmbedLoRA",
     "EVA",
     "EVAConfig",
@@ -60,6 +62,8 @@ __all__ = [
     "PiSSAConfig",
     "ROADConfig",
     "RotationParam",
+    "Target",
+    "VariantConfig",
     "hra_orthogonality_penalty",
     "to_lora",
 ]

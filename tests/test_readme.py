@@ -1,5 +1,5 @@
-"""The README's code runs as written: its blocks are read from README.md itself, so the
-docs and the code cannot drift apart.
+"""The README's and the docs pages' code runs as written: the blocks are read from
+README.md and docs/**/*.md themselves, so the docs and the code cannot drift apart.
 
 - ```python blocks: each runs alone, in a fresh namespace (the rule a reader can rely on:
   copy any one block into a file and it runs), all of them in one subprocess in a
@@ -29,10 +29,12 @@ from readme_blocks import code_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+# README first, then the docs pages in a fixed order (paths relative to ROOT, as reported)
+PAGES = [README.relative_to(ROOT), *sorted(p.relative_to(ROOT) for p in (ROOT / "docs").rglob("*.md"))]
 
 
 def _blocks(lang: str):
-    return [b for b in code_blocks(README.read_text()) if b.lang == lang]
+    return [b for page in PAGES for b in code_blocks((ROOT / page).read_text(), str(page)) if b.lang == lang]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -62,12 +64,13 @@ BLOCK_XLA_FLAGS = (
 
 def test_every_python_block_runs(tmp_path):
     blocks = _blocks("python")
-    assert len(blocks) >= 8, "the README lost its code blocks?"
+    assert len(blocks) >= 8, "the README and docs lost their code blocks?"
     report = tmp_path / "report.json"
     work = tmp_path / "work"
     work.mkdir()
+    runner = [sys.executable, str(ROOT / "tests" / "readme_blocks.py"), *[str(ROOT / p) for p in PAGES]]
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "readme_blocks.py"), str(README), "--report", str(report)],
+        [*runner, "--report", str(report)],
         cwd=work,
         env=_env(XLA_FLAGS=BLOCK_XLA_FLAGS),
         capture_output=True,
@@ -75,8 +78,8 @@ def test_every_python_block_runs(tmp_path):
         timeout=900,
     )
     results = json.loads(report.read_text()) if report.exists() else []
-    failed = [f"README.md:{r['line']} ({r['heading']}):\n{r['error']}" for r in results if r["error"]]
-    rerun = "rerun one block: python tests/readme_blocks.py README.md --report r.json --line N"
+    failed = [f"{r['file']}:{r['line']} ({r['heading']}):\n{r['error']}" for r in results if r["error"]]
+    rerun = "rerun one block: python tests/readme_blocks.py FILE.md --report r.json --line N"
     assert not failed, "\n\n".join([*failed, rerun])
     assert proc.returncode == 0 and len(results) == len(blocks), proc.stdout[-3000:] + proc.stderr[-3000:]
 

@@ -14,6 +14,7 @@ README.md and docs/**/*.md themselves, so the docs and the code cannot drift apa
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -109,6 +110,8 @@ def _check_command(line: str) -> None:
     tool, *rest = words
     if tool == "bash":
         assert (ROOT / rest[0]).is_file(), f"{line!r}: {rest[0]} does not exist"
+    elif tool in ("python", "python3") and rest[:1] == ["-m"]:
+        assert importlib.util.find_spec(rest[1]) is not None, f"{line!r}: no module {rest[1]!r} is installed"
     elif tool in ("python", "python3"):
         script = rest[0]
         assert (ROOT / script).is_file(), f"{line!r}: {script} does not exist"
@@ -137,5 +140,7 @@ def test_bash_check_catches_a_missing_flag_or_file():
         _check_command("python examples/finetune.py --steps 3 --no-such-flag 1  # comment")
     with pytest.raises(AssertionError, match="scripts/nope.sh does not exist"):
         _check_command("bash scripts/nope.sh")
+    with pytest.raises(AssertionError, match="no module 'no_such_module' is installed"):
+        _check_command("python -m no_such_module --flag")
     with pytest.raises(AssertionError, match="no extra"):
         _check_command("pip install '.[nope]'")

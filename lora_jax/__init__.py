@@ -18,7 +18,8 @@ a namespace, imported with the package:
 ``lj.calibrate``          input statistics of targeted layers without hooks
 ``lj.select``             AntiPaSTO's data-driven choice of singular directions
 ``lj.linalg``             top-r / randomized SVD, LQ, norms (plain arrays, no NNX)
-``lj.views``              the einsum view of a layer (``EinsumSpec``, ``view_of``)
+``lj.views``              which module types are linear maps (``view_of``, ``spec_of``)
+``lj.einsum_spec``        the einsum algebra of a layer (``EinsumSpec``: matrix form of kernel and activations)
 ``lj.ragged``             LoRA per expert through ``jax.lax.ragged_dot``
 ``lj.progress``           the throttled progress lines, for your own loops
 ``lj.models``             the reference Qwen3 / Llama and its loaders (imported on first use)
@@ -33,6 +34,7 @@ import importlib as _importlib
 
 from lora_jax import (
     calibrate,
+    einsum_spec,
     linalg,
     peft,
     progress,
@@ -84,7 +86,8 @@ _MOVED = {
         )
     },
     **{name: "lora_jax.calibrate" for name in ("collect_statistics", "moments_init", "moments_update")},
-    **{name: "lora_jax.views" for name in ("EinsumSpec", "view_of")},
+    "EinsumSpec": "lora_jax.einsum_spec",
+    "view_of": "lora_jax.views",
 }
 
 
@@ -148,6 +151,7 @@ __all__ = [
     # namespaces
     "calibrate",
     "checkpoint",
+    "einsum_spec",
     "linalg",
     "models",
     "peft",

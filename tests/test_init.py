@@ -16,7 +16,7 @@ import lora_jax as lj
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACES = (
-    "calibrate", "checkpoint", "linalg", "models", "peft", "progress", "ragged", "select", "steering",
+    "calibrate", "checkpoint", "einsum_spec", "linalg", "models", "peft", "progress", "ragged", "select", "steering",
     "transforms", "variants", "views",
 )  # fmt: skip
 

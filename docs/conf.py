@@ -124,7 +124,7 @@ TOP_LEVEL = {
         "Adapter", "AdapterParam", "AdapterState", "Alpha", "DoRAMagnitude", "DeLoRALambda", "DeltaS",
         "RotationParam",
     ],
-    "Your own layer types": ["register_view", "ViewInfo"],
+    "Your own layer types and variants": ["register_view", "ViewInfo", "register_variant"],
     "Errors": ["AlreadyAdaptedError", "NoMatchError", "UnsupportedLayerError"],
 }  # fmt: skip
 

@@ -48,7 +48,6 @@ from lora_jax import (
 from lora_jax._version import __version__ as __version__
 from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Alpha, VariantConfig
 from lora_jax.config import AdapterConfig, Rule
-from lora_jax.eva_calibration import EvaPlan, apply_eva_plan, eva_init, eva_plan
 from lora_jax.surgery import (
     AlreadyAdaptedError,
     NoMatchError,
@@ -58,10 +57,12 @@ from lora_jax.surgery import (
     merge_adapters,
     set_alpha,
 )
+from lora_jax.variants import register_variant
 from lora_jax.variants.antipasto import AntiPaSTOConfig, DeltaS, RotationParam
 from lora_jax.variants.delora import DeLoRAConfig, DeLoRALambda
 from lora_jax.variants.dora import DoRAConfig, DoRAMagnitude
 from lora_jax.variants.eva import EVAConfig
+from lora_jax.variants.eva_calibration import EvaPlan, apply_eva_plan, eva_init, eva_plan
 from lora_jax.variants.hra import HRAConfig
 from lora_jax.variants.ia3 import IA3Config
 from lora_jax.variants.ia3_ff import IA3FFConfig
@@ -141,9 +142,10 @@ __all__ = [
     "DeLoRALambda",
     "DeltaS",
     "RotationParam",
-    # your own layer types
+    # your own layer types and variants
     "register_view",
     "ViewInfo",
+    "register_variant",
     # errors
     "AlreadyAdaptedError",
     "NoMatchError",

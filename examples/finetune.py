@@ -42,7 +42,7 @@ from lora_jax.models import (
     tiny_config,
     to_hf_name,
 )
-from lora_jax.peft_format import CODECS, export_peft
+from lora_jax.peft import CODECS, export_peft
 from lora_jax.progress import Progress
 from lora_jax.variants import VARIANTS
 

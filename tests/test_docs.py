@@ -60,3 +60,13 @@ def test_every_top_level_name_has_a_place_on_the_api_page():
     for names in conf.TOP_LEVEL.values():
         for name in names:
             assert f"lora_jax.{name}" in page, name
+
+
+def test_code_layout_page_names_every_module():
+    layout = (ROOT / "docs" / "layout.md").read_text()
+    package = ROOT / "lora_jax"
+    modules = [p for p in package.glob("*.py") if p.name != "_version.py"]
+    packages = [p for p in package.iterdir() if p.is_dir() and (p / "__init__.py").exists()]
+    missing = [str(p.relative_to(ROOT)) for p in modules if str(p.relative_to(ROOT)) not in layout]
+    missing += [f"{p.relative_to(ROOT)}/" for p in packages if f"{p.relative_to(ROOT)}/" not in layout]
+    assert not missing, f"docs/layout.md does not name {missing}: add a line for each"

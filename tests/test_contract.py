@@ -27,6 +27,7 @@ from flax import nnx
 from layers import LAYOUT_IDS, LAYOUTS
 
 import lora_jax as lj
+from lora_jax.variants import LoHaConfig, LoKrConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,11 @@ CASES: dict[str, Case] = {
     "delora": Case(lj.DeLoRAConfig(r=4), zero_grad_at_init=("lora_a", "delora_lambda"), steps=600),
     # rho=1 keeps r=2 on every layer: the MoE layout has only 5 rows per expert.
     "eva": Case(lj.EVAConfig(r=2, lora_alpha=4, rho=1.0), adapt=_eva_init, zero_grad_at_init=("lora_a",)),
+    # B2 = 0: only hada_w2_b has a gradient on step 1
+    "loha": Case(LoHaConfig(r=2, lora_alpha=4), zero_grad_at_init=("hada_w1_a", "hada_w1_b", "hada_w2_a")),
+    # W1 = 0: W2 (full here, decomposed in lokr_low) has no gradient on step 1
+    "lokr": Case(LoKrConfig(r=4, lora_alpha=4), zero_grad_at_init=("lokr_w2",)),
+    "lokr_low": Case(LoKrConfig(r=1, lora_alpha=1, decompose_both=True), zero_grad_at_init=("lokr_w2", "lokr_w1_b")),
 }
 
 

@@ -9,6 +9,8 @@ from lora_jax.variants.eva import EVA, EVAConfig
 from lora_jax.variants.hra import HRA, HRAConfig, hra_orthogonality_penalty
 from lora_jax.variants.ia3 import IA3, IA3Config
 from lora_jax.variants.ia3_ff import IA3FF, IA3FFConfig
+from lora_jax.variants.loha import LoHa, LoHaConfig
+from lora_jax.variants.lokr import LoKr, LoKrConfig
 from lora_jax.variants.lora import LoRA, LoRAConfig
 from lora_jax.variants.lora_conv_embed import ConvLoRA, EmbedLoRA
 from lora_jax.variants.olora import OLoRA, OLoRAConfig
@@ -29,6 +31,8 @@ VARIANTS: dict[str, type[VariantConfig]] = {
         ROADConfig,
         EVAConfig,
         AntiPaSTOConfig,
+        LoHaConfig,
+        LoKrConfig,
     )
 }
 
@@ -52,6 +56,10 @@ __all__ = [
     "HRAConfig",
     "IA3Config",
     "IA3FFConfig",
+    "LoHa",
+    "LoHaConfig",
+    "LoKr",
+    "LoKrConfig",
     "LoRA",
     "LoRAConfig",
     "OLoRA",

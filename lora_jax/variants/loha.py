@@ -1,0 +1,90 @@
+"""LoHa: low-rank Hadamard product (FedPara). Hyeon-Woo et al. 2022, https://arxiv.org/abs/2108.06098
+
+    y = base(x) + alpha * s * x [(B1 A1) * (B2 A2)],     s = lora_alpha / r,  * elementwise
+
+Flax layout: ``B1, B2 (d_in, r)`` (PEFT's ``hada_w1_b.T``, ``hada_w2_b.T``) and
+``A1, A2 (r, d_out)`` (``hada_w1_a.T``, ``hada_w2_a.T``), one set per kernel-batch index.
+The Hadamard product of two rank-r matrices is the rank-r^2 product ``P Q`` with
+``P[i, (j, k)] = B1[i, j] B2[i, k]`` and ``Q[(j, k), o] = A1[j, o] A2[k, o]``, so the
+forward pass costs ``r^2 (d_in + d_out)`` per row (never the dense ``d_in d_out`` delta
+PEFT builds on every call) and runs through the same rank-space projections as LoRA.
+
+Identity at t=0: B2 = 0 (PEFT's init zeroes ``hada_w2_b``), so P = 0 and the delta is an
+exact zero; alpha = 0 adds an exact zero too.
+
+Init as PEFT (torch kaiming-uniform(a=sqrt 5) on each torch tensor, i.e. U(+-1/sqrt(fan
+in))): ``A1, A2 ~ U(+-1/sqrt(r))``, ``B1 ~ U(+-1/sqrt(d_in))``, B2 = 0. Runtime alpha
+multiplies the delta: alpha = -1 is the negated delta (the delta is linear in s).
+Not implemented: PEFT's ``rank_dropout`` / ``module_dropout`` (training-time only) and the
+conv-only ``use_effective_conv2d``. Checked against ``peft.tuners.loha.layer.Linear``
+(tests/test_loha.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from lora_jax.adapter import Adapter, AdapterParam, Target, VariantConfig
+from lora_jax.variants._checks import check_rank
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoHaConfig(VariantConfig):
+    """``r`` rank of each factor pair; ``lora_alpha`` the scale numerator (PEFT's ``alpha``)."""
+
+    name = "loha"
+    r: int = 8
+    lora_alpha: float = 8.0
+
+    @property
+    def scale(self) -> float:
+        """PEFT's ``scaling``: ``alpha / r``."""
+        return self.lora_alpha / self.r
+
+    def build(self, target: Target, *, seed: int) -> LoHa:
+        check_rank(self.name, self.r, target)
+        return LoHa(target, self, seed=seed)
+
+
+def hadamard_factors(
+    b1: Float[Array, "*batch d_in r"], a1: Float[Array, "*batch r d_out"], b2: Array, a2: Array
+) -> tuple[Float[Array, "*batch d_in rr"], Float[Array, "*batch rr d_out"]]:
+    """``(P, Q)`` with ``P Q = (B1 A1) * (B2 A2)``: the row-wise and column-wise Khatri-Rao products."""
+    p = (b1[..., :, None] * b2[..., None, :]).reshape(*b1.shape[:-1], -1)
+    q = (a1[..., :, None, :] * a2[..., None, :, :]).reshape(*a1.shape[:-2], -1, a1.shape[-1])
+    return p, q
+
+
+class LoHa(Adapter):
+    def __init__(self, target: Target, config: LoHaConfig, *, seed: int):
+        super().__init__(target, config)
+        spec, dtype, r = target.spec, self.dtype, config.r
+        k_a1, k_b1, k_a2 = jax.random.split(target.key(seed), 3)
+
+        def uniform(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> Array:
+            bound = 1.0 / math.sqrt(fan_in)
+            return jax.random.uniform(key, (*spec.batch_shape, *shape), dtype, -bound, bound)
+
+        self.hada_w1_a = self.variable(AdapterParam, uniform(k_a1, (r, spec.d_out), r), "-o")
+        self.hada_w1_b = self.variable(AdapterParam, uniform(k_b1, (spec.d_in, r), spec.d_in), "i-")
+        self.hada_w2_a = self.variable(AdapterParam, uniform(k_a2, (r, spec.d_out), r), "-o")
+        self.hada_w2_b = self.variable(AdapterParam, jnp.zeros((*spec.batch_shape, spec.d_in, r), dtype), "i-")
+
+    def _factors(self) -> tuple[Array, Array]:
+        return hadamard_factors(self.hada_w1_b[...], self.hada_w1_a[...], self.hada_w2_b[...], self.hada_w2_a[...])
+
+    def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:
+        y = call_base(x)
+        p, q = self._factors()
+        h = self.project_in(x.astype(self.dtype), p) * (self.alpha_for("hidden", x.ndim) * self.config.scale)
+        return y + self.project_out(h, q, x.ndim).astype(y.dtype)
+
+    def merged(self, kernel, bias):
+        p, q = self._factors()
+        return kernel + (self.scalar_alpha() * self.config.scale) * (p @ q), bias

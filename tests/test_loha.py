@@ -1,0 +1,47 @@
+"""LoHa against PEFT (forward, gradients, merge), its Khatri-Rao form against the dense
+Hadamard product, and its init."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from peft import LoHaConfig as PeftLoHaConfig
+from peft_parity import assert_parity, build, randomize
+
+from lora_jax.variants import LoHaConfig
+from lora_jax.variants.loha import hadamard_factors
+
+NAMES = {n: n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")}
+
+
+@pytest.mark.parametrize("r", [1, 3])
+def test_loha_matches_peft(r):
+    peft_model, ours = build(PeftLoHaConfig(r=r, alpha=2.0 * r + 1, target_modules=["up", "down"]),
+                             LoHaConfig(r=r, lora_alpha=2.0 * r + 1))
+    randomize(peft_model, ours, NAMES)
+    assert_parity(peft_model, ours, NAMES)
+
+
+def test_init_is_peft_shaped_and_zero_only_in_w2_b():
+    peft_model, ours = build(PeftLoHaConfig(r=3, target_modules=["up", "down"]), LoHaConfig(r=3))
+    torch_up = peft_model.base_model.model.up
+    for name in NAMES:
+        ours_value = np.asarray(getattr(ours.up, name)[...])
+        assert ours_value.T.shape == tuple(torch_up.__getattr__(name)["default"].shape)
+        bound = float(np.abs(torch_up.__getattr__(name)["default"].detach().numpy()).max())
+        if name == "hada_w2_b":
+            assert bound == 0 and not ours_value.any()
+        else:  # same uniform bound as torch's kaiming-uniform on the same shape
+            fan_in = torch_up.__getattr__(name)["default"].shape[1]
+            assert 0.5 / np.sqrt(fan_in) < np.abs(ours_value).max() <= 1 / np.sqrt(fan_in)
+            assert bound <= 1 / np.sqrt(fan_in)
+
+
+def test_khatri_rao_form_is_the_hadamard_product():
+    keys = jax.random.split(jax.random.key(0), 4)
+    b1, b2 = (jax.random.normal(k, (2, 7, 3)) for k in keys[:2])
+    a1, a2 = (jax.random.normal(k, (2, 3, 5)) for k in keys[2:])
+    p, q = hadamard_factors(b1, a1, b2, a2)
+    assert p.shape == (2, 7, 9) and q.shape == (2, 9, 5)
+    np.testing.assert_allclose(p @ q, (b1 @ a1) * (b2 @ a2), rtol=1e-5, atol=1e-5)
+    assert jnp.linalg.matrix_rank(p[0] @ q[0]) == 5  # beyond r = 3: the point of LoHa

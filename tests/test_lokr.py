@@ -1,0 +1,45 @@
+"""LoKr against PEFT (full and decomposed factors: forward, gradients, merge), the
+factorization against PEFT's, errors. (The factored forward against the dense merged
+kernel on every layout: tests/test_contract.py.)"""
+
+import pytest
+from peft import LoKrConfig as PeftLoKrConfig
+from peft.tuners.lokr.layer import factorization as peft_factorization
+from peft_parity import assert_parity, build, randomize
+
+from lora_jax.variants import LoKrConfig
+from lora_jax.variants.lokr import factorization
+
+NAMES = {n: n for n in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")}
+OPTIONS = {
+    "full": {"r": 8},
+    "w2_low": {"r": 1},
+    "both_low": {"r": 1, "decompose_both": True},
+    "factor_2": {"r": 1, "decompose_both": True, "decompose_factor": 2},
+}
+
+
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+def test_lokr_matches_peft(options):
+    peft_model, ours = build(
+        PeftLoKrConfig(alpha=3.0, target_modules=["up", "down"], **options), LoKrConfig(lora_alpha=3.0, **options)
+    )
+    their_names = set(peft_model.base_model.model.up.state_dict()) | set(peft_model.base_model.model.down.state_dict())
+    for layer in (ours.up, ours.down):  # the same factors are full or decomposed
+        for name in NAMES:
+            assert (name in vars(layer)) == (f"{name}.default" in their_names), name
+    randomize(peft_model, ours, NAMES)
+    assert_parity(peft_model, ours, NAMES)
+
+
+def test_factorization_is_peft_s():
+    for dim in range(1, 260):
+        for factor in (-1, 1, 2, 3, 4, 8, 16):
+            assert factorization(dim, factor) == peft_factorization(dim, factor), (dim, factor)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match=r"lokr: decompose_factor=0 must be -1"):
+        LoKrConfig(decompose_factor=0)
+    with pytest.raises(ValueError, match=r"lokr: r=0 must be a positive integer"):
+        LoKrConfig(r=0)

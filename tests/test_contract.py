@@ -27,7 +27,7 @@ from flax import nnx
 from layers import LAYOUT_IDS, LAYOUTS
 
 import lora_jax as lj
-from lora_jax.variants import LoHaConfig, LoKrConfig
+from lora_jax.variants import LoHaConfig, LoKrConfig, OFTConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +76,9 @@ CASES: dict[str, Case] = {
     "loha": Case(LoHaConfig(r=2, lora_alpha=4), zero_grad_at_init=("hada_w1_a", "hada_w1_b", "hada_w2_a")),
     # W1 = 0: W2 (full here, decomposed in lokr_low) has no gradient on step 1
     "lokr": Case(LoKrConfig(r=4, lora_alpha=4), zero_grad_at_init=("lokr_w2",)),
+    # block 2 divides every layout's d_in; the shared block is one 2x2 generator
+    "oft": Case(OFTConfig(oft_block_size=2)),
+    "oft_shared": Case(OFTConfig(oft_block_size=2, block_share=True, num_cayley_neumann_terms=3)),
     "lokr_low": Case(LoKrConfig(r=1, lora_alpha=1, decompose_both=True), zero_grad_at_init=("lokr_w2", "lokr_w1_b")),
 }
 

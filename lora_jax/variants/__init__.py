@@ -13,6 +13,7 @@ from lora_jax.variants.loha import LoHa, LoHaConfig
 from lora_jax.variants.lokr import LoKr, LoKrConfig
 from lora_jax.variants.lora import LoRA, LoRAConfig
 from lora_jax.variants.lora_conv_embed import ConvLoRA, EmbedLoRA
+from lora_jax.variants.oft import OFT, OFTConfig
 from lora_jax.variants.olora import OLoRA, OLoRAConfig
 from lora_jax.variants.pissa import PiSSA, PiSSAConfig, to_lora
 from lora_jax.variants.road import ROAD, ROADConfig
@@ -33,6 +34,7 @@ VARIANTS: dict[str, type[VariantConfig]] = {
         AntiPaSTOConfig,
         LoHaConfig,
         LoKrConfig,
+        OFTConfig,
     )
 }
 
@@ -62,6 +64,8 @@ __all__ = [
     "LoKrConfig",
     "LoRA",
     "LoRAConfig",
+    "OFT",
+    "OFTConfig",
     "OLoRA",
     "OLoRAConfig",
     "PiSSA",

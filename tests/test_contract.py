@@ -27,7 +27,7 @@ from flax import nnx
 from layers import LAYOUT_IDS, LAYOUTS
 
 import lora_jax as lj
-from lora_jax.variants import LoHaConfig, LoKrConfig, OFTConfig
+from lora_jax.variants import LoHaConfig, LoKrConfig, MiSSConfig, OFTConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +79,9 @@ CASES: dict[str, Case] = {
     # block 2 divides every layout's d_in; the shared block is one 2x2 generator
     "oft": Case(OFTConfig(oft_block_size=2)),
     "oft_shared": Case(OFTConfig(oft_block_size=2, block_share=True, num_cayley_neumann_terms=3)),
+    # r=4 leaves a padded last shard where d_in is 6 or 12 / 8 (per-head, MLP)
+    "miss": Case(MiSSConfig(r=4)),
+    "miss_mini": Case(MiSSConfig(r=4, mini_r=2)),
     "lokr_low": Case(LoKrConfig(r=1, lora_alpha=1, decompose_both=True), zero_grad_at_init=("lokr_w2", "lokr_w1_b")),
 }
 

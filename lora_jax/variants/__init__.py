@@ -13,6 +13,7 @@ from lora_jax.variants.loha import LoHa, LoHaConfig
 from lora_jax.variants.lokr import LoKr, LoKrConfig
 from lora_jax.variants.lora import LoRA, LoRAConfig
 from lora_jax.variants.lora_conv_embed import ConvLoRA, EmbedLoRA
+from lora_jax.variants.miss import MiSS, MiSSConfig
 from lora_jax.variants.oft import OFT, OFTConfig
 from lora_jax.variants.olora import OLoRA, OLoRAConfig
 from lora_jax.variants.pissa import PiSSA, PiSSAConfig, to_lora
@@ -35,6 +36,7 @@ VARIANTS: dict[str, type[VariantConfig]] = {
         LoHaConfig,
         LoKrConfig,
         OFTConfig,
+        MiSSConfig,
     )
 }
 
@@ -64,6 +66,8 @@ __all__ = [
     "LoKrConfig",
     "LoRA",
     "LoRAConfig",
+    "MiSS",
+    "MiSSConfig",
     "OFT",
     "OFTConfig",
     "OLoRA",

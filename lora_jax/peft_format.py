@@ -49,7 +49,7 @@ from lora_jax.adapter import Adapter, VariantConfig
 from lora_jax.config import AdapterConfig, Rule
 from lora_jax.layer_kinds import describe
 from lora_jax.surgery import apply_adapters, iter_adapters
-from lora_jax.variants import VARIANTS
+from lora_jax.variants import VARIANTS, loha, lokr, miss, oft
 
 __all__ = ["CODECS", "PeftCodec", "PeftFormatError", "export_peft", "import_peft"]
 
@@ -74,7 +74,8 @@ class PeftCodec:
     ``feedforward_modules``). ``folds_alpha``: the codec writes the delta at the current
     alpha; otherwise export needs alpha = 1, since PEFT has no alpha. ``alt_suffixes``:
     the tensor set a layer may have instead (LoRA on an embedding: ``lora_embedding_A`` /
-    ``lora_embedding_B``).
+    ``lora_embedding_B``). ``partial``: a layer holds some of ``suffixes`` and
+    ``from_peft`` checks which (LoKr's factors are full or low-rank).
     """
 
     peft_type: str
@@ -86,6 +87,7 @@ class PeftCodec:
     member_of: str | None = None
     folds_alpha: bool = False
     alt_suffixes: tuple[str, ...] = ()
+    partial: bool = False
 
 
 def _numpy(x: Any) -> np.ndarray:
@@ -173,6 +175,7 @@ def _ia3_codec(variant: str, shape: Callable[[int], tuple[int, int]], member_of:
 
 _LORA = {"peft_type": "LORA", "patterns": {"r": "rank_pattern", "lora_alpha": "alpha_pattern"}}
 _LORA_AB = ("lora_A.weight", "lora_B.weight")
+_LYCORIS_PATTERNS = {"r": "rank_pattern", "alpha": "alpha_pattern"}
 # Rows for variants this build lacks are ignored (see _codecs).
 CODECS: dict[str, PeftCodec] = {
     "lora": PeftCodec(
@@ -203,6 +206,21 @@ CODECS: dict[str, PeftCodec] = {
     ),
     "ia3": _ia3_codec("ia3", lambda d: (d, 1), None),
     "ia3_ff": _ia3_codec("ia3_ff", lambda d: (1, d), "feedforward_modules"),
+    "loha": PeftCodec(
+        "LOHA", {}, _LYCORIS_PATTERNS, loha.LOHA_TENSORS, loha.loha_to_peft, loha.loha_from_peft, folds_alpha=True
+    ),
+    "lokr": PeftCodec(
+        "LOKR",
+        {},
+        _LYCORIS_PATTERNS,
+        lokr.LOKR_TENSORS,
+        lokr.lokr_to_peft,
+        lokr.lokr_from_peft,
+        folds_alpha=True,
+        partial=True,
+    ),
+    "oft": PeftCodec("OFT", {}, {}, ("oft_R.weight",), oft.oft_to_peft, oft.oft_from_peft, folds_alpha=True),
+    "miss": PeftCodec("MISS", {}, {}, ("miss_block",), miss.miss_to_peft, miss.miss_from_peft, folds_alpha=True),
 }
 
 
@@ -391,7 +409,9 @@ def import_peft(path: str | Path, base_model: M, *, hf_name: Callable[[str], str
     rules, values = [], {}
     for name, nnx_path in sorted(by_name.items(), key=lambda item: item[1]):
         codec = _codec_for(config, name)
-        if set(groups[name]) not in ({*codec.suffixes}, {*codec.alt_suffixes}):
+        held = set(groups[name])
+        fits = held in ({*codec.suffixes}, {*codec.alt_suffixes}) or (codec.partial and held <= set(codec.suffixes))
+        if not fits:
             expected = " or ".join(str(sorted(s)) for s in (codec.suffixes, codec.alt_suffixes) if s)
             raise PeftFormatError(f"{path}: module {name!r} has tensors {sorted(groups[name])}, expected {expected}")
         layer = dict(config)

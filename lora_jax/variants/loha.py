@@ -24,14 +24,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from lora_jax.adapter import Adapter, AdapterParam, Target, VariantConfig
-from lora_jax.variants._checks import check_rank
+from lora_jax.variants._checks import check_rank, peft_format_error
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -88,3 +90,24 @@ class LoHa(Adapter):
     def merged(self, kernel, bias):
         p, q = self._factors()
         return kernel + (self.scalar_alpha() * self.config.scale) * (p @ q), bias
+
+
+# -- PEFT's format: peft_type LOHA, each tensor is ours transposed ----------------------
+LOHA_TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+def loha_to_peft(adapter: LoHa) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The delta is linear in alpha, so alpha goes into ``hada_w2_a``."""
+    arrays = {name: np.asarray(getattr(adapter, name)[...], np.float32) for name in LOHA_TENSORS}
+    arrays["hada_w2_a"] = arrays["hada_w2_a"] * np.float32(adapter.scalar_alpha())
+    return {"r": adapter.config.r, "alpha": adapter.config.lora_alpha}, {k: v.T for k, v in arrays.items()}
+
+
+def loha_from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[LoHaConfig, dict]:
+    """``rank_dropout`` / ``module_dropout`` act in training only and are dropped."""
+    rank = tensors["hada_w1_a"].shape[1]
+    if cfg.get("r", rank) != rank:
+        raise peft_format_error(
+            f"adapter_config.json gives r={cfg['r']!r} (after rank_pattern) but hada_w1_a has rank {rank}"
+        )
+    return LoHaConfig(r=rank, lora_alpha=float(cfg["alpha"])), {k: tensors[k].T for k in LOHA_TENSORS}

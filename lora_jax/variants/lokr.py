@@ -27,14 +27,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from lora_jax import shardings
 from lora_jax.adapter import Adapter, AdapterParam, Target, VariantConfig
+from lora_jax.variants._checks import peft_format_error
 
 
 def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
@@ -140,3 +143,40 @@ class LoKr(Adapter):
         w1, w2 = self._factor("w1"), self._factor("w2")
         kron = (w1[..., :, None, :, None] * w2[..., None, :, None, :]).reshape(kernel.shape)
         return kernel + (self.scalar_alpha() * self.config.scale) * kron, bias
+
+
+# -- PEFT's format: peft_type LOKR, each tensor is ours transposed ----------------------
+LOKR_TENSORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+
+
+def lokr_to_peft(adapter: LoKr) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The delta is linear in W1, so alpha goes into ``lokr_w1`` (or ``lokr_w1_a``)."""
+    arrays = {n: np.asarray(vars(adapter)[n][...], np.float32) for n in LOKR_TENSORS if n in vars(adapter)}
+    first = "lokr_w1" if "lokr_w1" in arrays else "lokr_w1_a"
+    arrays[first] = arrays[first] * np.float32(adapter.scalar_alpha())
+    cfg = adapter.config
+    entries = {"r": cfg.r, "alpha": cfg.lora_alpha, "decompose_both": cfg.decompose_both}
+    return {**entries, "decompose_factor": cfg.decompose_factor}, {k: v.T for k, v in arrays.items()}
+
+
+def lokr_from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[LoKrConfig, dict]:
+    """Checks that the file's factors are the ones this config builds (full or decomposed);
+    ``rank_dropout`` / ``module_dropout`` act in training only and are dropped."""
+    config = LoKrConfig(
+        r=int(cfg["r"]),
+        lora_alpha=float(cfg["alpha"]),
+        decompose_both=bool(cfg.get("decompose_both", False)),
+        decompose_factor=int(cfg.get("decompose_factor", -1)),
+    )
+    w1 = tensors["lokr_w1"] if "lokr_w1" in tensors else tensors["lokr_w1_a"] @ tensors["lokr_w1_b"]
+    w2 = tensors["lokr_w2"] if "lokr_w2" in tensors else tensors["lokr_w2_a"] @ tensors["lokr_w2_b"]
+    (c, a, w1_low), (d, b, w2_low) = lokr_shapes(config, w1.shape[1] * w2.shape[1], w1.shape[0] * w2.shape[0])
+    want = {*(("lokr_w1_a", "lokr_w1_b") if w1_low else ("lokr_w1",))}
+    want |= {*(("lokr_w2_a", "lokr_w2_b") if w2_low else ("lokr_w2",))}
+    if set(tensors) != want or w1.shape != (a, c) or w2.shape != (b, d):
+        raise peft_format_error(
+            f"LoKr tensors {sorted(tensors)} (W1 {w1.shape}, W2 {w2.shape}) are not the factors that r={config.r}, "
+            f"decompose_both={config.decompose_both}, decompose_factor={config.decompose_factor} give for this "
+            f"layer ({sorted(want)}, W1 {(a, c)}, W2 {(b, d)}); fix r / rank_pattern in adapter_config.json"
+        )
+    return config, {k: v.T for k, v in tensors.items()}

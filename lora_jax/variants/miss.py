@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
 from lora_jax.adapter import Adapter, AdapterParam, Target, VariantConfig
-from lora_jax.variants._checks import check_dropout
+from lora_jax.variants._checks import check_dropout, peft_format_error
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -102,3 +104,26 @@ class MiSS(Adapter):
         tiled = jnp.tile(d, (1,) * (d.ndim - 2) + (reps, 1))[..., : kernel.shape[-2], :]
         return kernel + self.scalar_alpha() * tiled, bias
 
+
+
+# -- PEFT's format: peft_type MISS, tensor miss_block (r, d_out or mini_r) as ours -------
+def miss_to_peft(adapter: MiSS) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The delta is linear in alpha, so alpha goes into the block."""
+    cfg = adapter.config
+    entries = {"r": cfg.r, "mini_r": cfg.mini_r or 1, "init_weights": True if cfg.mini_r is None else "mini"}
+    block = np.asarray(adapter.miss_block[...], np.float32) * np.float32(adapter.scalar_alpha())
+    return {**entries, "miss_dropout": cfg.dropout}, {"miss_block": block}
+
+
+def miss_from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[MiSSConfig, dict]:
+    block, kind = tensors["miss_block"], cfg.get("init_weights", True)
+    if kind not in (True, "mini") or block.ndim != 2:
+        raise peft_format_error(
+            f"MiSS with init_weights={kind!r} (block {block.shape}) is not supported by lora_jax; "
+            "only the default (balance) and 'mini' forms are"
+        )
+    if cfg.get("r", block.shape[0]) != block.shape[0]:
+        raise peft_format_error(f"adapter_config.json gives r={cfg['r']!r} but miss_block has {block.shape[0]} rows")
+    mini_r = int(cfg.get("mini_r", 1)) if kind == "mini" else None
+    dropout = float(cfg.get("miss_dropout") or 0.0)
+    return MiSSConfig(r=block.shape[0], mini_r=mini_r, dropout=dropout), {"miss_block": block}

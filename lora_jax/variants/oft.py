@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +39,7 @@ from jaxtyping import Array, Float
 
 from lora_jax import shardings
 from lora_jax.adapter import Adapter, AdapterParam, Target, VariantConfig
+from lora_jax.variants._checks import peft_format_error
 from lora_jax.views import EinsumSpec
 
 
@@ -149,3 +151,27 @@ class OFT(Adapter):
         moved = shardings.einsum("...nkc,...nco->...nko", d, blocks)
         return kernel + moved.reshape(kernel.shape), bias
 
+
+
+# -- PEFT's format: peft_type OFT, tensor oft_R.weight (n, b(b-1)/2) as ours -------------
+def oft_to_peft(adapter: OFT) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Alpha scales the generator, which is what PEFT computes from ``alpha * oft_R.weight``."""
+    cfg = adapter.config
+    entries = {"r": cfg.r, "oft_block_size": cfg.oft_block_size, "block_share": cfg.block_share}
+    entries |= {"num_cayley_neumann_terms": cfg.num_cayley_neumann_terms, "use_cayley_neumann": True, "coft": False}
+    weight = np.asarray(adapter.oft_r[...], np.float32) * np.float32(adapter.scalar_alpha())
+    return entries, {"oft_R.weight": weight}
+
+
+def oft_from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[OFTConfig, dict]:
+    """``module_dropout`` acts in training only and is dropped."""
+    for key, supported in (("coft", False), ("use_cayley_neumann", True)):
+        if cfg.get(key, supported) != supported:
+            raise peft_format_error(f"OFT with {key}={cfg[key]!r} is not supported by lora_jax (see variants/oft.py)")
+    config = OFTConfig(
+        r=int(cfg.get("r", 0)),
+        oft_block_size=int(cfg.get("oft_block_size", 0)),
+        block_share=bool(cfg.get("block_share", False)),
+        num_cayley_neumann_terms=int(cfg.get("num_cayley_neumann_terms", 5)),
+    )
+    return config, {"oft_r": tensors["oft_R.weight"]}

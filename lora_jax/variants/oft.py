@@ -39,8 +39,8 @@ from jaxtyping import Array, Float
 
 from lora_jax import shardings
 from lora_jax.adapter import Adapter, AdapterParam, Target, VariantConfig
+from lora_jax.einsum_spec import EinsumSpec
 from lora_jax.variants._checks import peft_format_error
-from lora_jax.views import EinsumSpec
 
 
 def neumann_coefficients(terms: int) -> tuple[int, ...]:

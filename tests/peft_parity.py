@@ -120,3 +120,29 @@ def perturbed_copy(model, seed: int = 9, size: float = 0.3):
     moved = [v + size * jax.random.normal(k, v.shape, v.dtype) for v, k in zip(leaves, keys, strict=True)]
     nnx.update(model, jax.tree.unflatten(tree, moved))
     return model
+
+
+def peft_saved(peft_config, path, *, edit: Mapping | None = None):
+    """PEFT's own files for ``peft_config`` on the MLP (``edit`` overrides config entries)."""
+    import json
+
+    torch.manual_seed(0)
+    get_peft_model(TorchMLP(), peft_config).save_pretrained(str(path))
+    if edit:
+        config_file = path / "adapter_config.json"
+        config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **edit}))
+    return path
+
+
+def exported_matches_peft(model, path, *, alpha: float) -> None:
+    """``model`` exported at ``alpha`` loads in PEFT and computes what ours does at it."""
+    from peft import PeftModel
+
+    from lora_jax import set_alpha
+    from lora_jax.peft_format import export_peft
+
+    set_alpha(model, alpha)
+    export_peft(path, model, hf_name=lambda p: p)
+    theirs = PeftModel.from_pretrained(TorchMLP(), str(path))
+    x = inputs()
+    assert rel(model(jnp.asarray(x)), theirs(torch.from_numpy(x)).detach().numpy()) < 1e-5

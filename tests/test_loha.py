@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from peft import LoHaConfig as PeftLoHaConfig
-from peft_parity import assert_parity, build, randomize
+from peft_helpers import FlaxMLP, TorchMLP
+from peft_parity import assert_parity, build, exported_matches_peft, peft_saved, perturbed_copy, randomize
 
+from lora_jax.peft_format import import_peft
 from lora_jax.variants import LoHaConfig
 from lora_jax.variants.loha import hadamard_factors
 
@@ -45,3 +47,11 @@ def test_khatri_rao_form_is_the_hadamard_product():
     assert p.shape == (2, 7, 9) and q.shape == (2, 9, 5)
     np.testing.assert_allclose(p @ q, (b1 @ a1) * (b2 @ a2), rtol=1e-5, atol=1e-5)
     assert jnp.linalg.matrix_rank(p[0] @ q[0]) == 5  # beyond r = 3: the point of LoHa
+
+
+def test_codec_folds_alpha_and_reads_per_layer_ranks(tmp_path):
+    config = PeftLoHaConfig(r=2, alpha=3, rank_pattern={"^down$": 3}, target_modules=["up", "down"])
+    model = import_peft(peft_saved(config, tmp_path / "theirs"), FlaxMLP(TorchMLP()), hf_name=lambda p: p)
+    assert (model.up.config.r, model.down.config.r, model.down.config.lora_alpha) == (2, 3, 3.0)
+    perturbed_copy(model)
+    exported_matches_peft(model, tmp_path / "ours", alpha=0.4)

@@ -5,8 +5,11 @@ kernel on every layout: tests/test_contract.py.)"""
 import pytest
 from peft import LoKrConfig as PeftLoKrConfig
 from peft.tuners.lokr.layer import factorization as peft_factorization
-from peft_parity import assert_parity, build, randomize
+from peft_helpers import FlaxMLP, TorchMLP
+from peft_parity import assert_parity, build, exported_matches_peft, peft_saved, perturbed_copy, randomize
 
+from lora_jax import AdapterConfig, Rule, apply_adapters
+from lora_jax.peft_format import PeftFormatError, import_peft
 from lora_jax.variants import LoKrConfig
 from lora_jax.variants.lokr import factorization
 
@@ -43,3 +46,13 @@ def test_bad_options():
         LoKrConfig(decompose_factor=0)
     with pytest.raises(ValueError, match=r"lokr: r=0 must be a positive integer"):
         LoKrConfig(r=0)
+
+
+def test_codec_folds_alpha_and_refuses_factors_the_config_does_not_build(tmp_path):
+    model = apply_adapters(FlaxMLP(TorchMLP()), AdapterConfig(rules=(Rule(pattern="up|down", variant=LoKrConfig()),)))
+    perturbed_copy(model)
+    exported_matches_peft(model, tmp_path / "ours", alpha=0.6)  # full W1 and W2
+    config = PeftLoKrConfig(r=1, decompose_both=True, target_modules=["up", "down"])
+    path = peft_saved(config, tmp_path / "theirs", edit={"r": 8})  # factored tensors, a config for full ones
+    with pytest.raises(PeftFormatError, match=r"LoKr tensors .* are not the factors that r=8, decompose_both=True"):
+        import_peft(path, FlaxMLP(TorchMLP()), hf_name=lambda p: p)

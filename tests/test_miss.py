@@ -6,9 +6,10 @@ import pytest
 import torch
 from peft import MissConfig as PeftMissConfig
 from peft_helpers import FlaxMLP, TorchMLP
-from peft_parity import assert_parity, build, randomize
+from peft_parity import assert_parity, build, exported_matches_peft, peft_saved, perturbed_copy, randomize
 
 from lora_jax import AdapterConfig, Rule, apply_adapters, merge_adapters, set_alpha
+from lora_jax.peft_format import PeftFormatError, import_peft
 from lora_jax.variants import MiSSConfig
 from lora_jax.variants.miss import fold
 
@@ -53,3 +54,12 @@ def test_bad_config():
         adapt_up(MiSSConfig(r=9))
     with pytest.raises(ValueError, match=r"miss: mini_r=5 does not divide d_out=12 at 'up'"):
         adapt_up(MiSSConfig(r=2, mini_r=5))
+
+
+def test_codec_folds_alpha_and_refuses_bat(tmp_path):
+    model = adapt_up(MiSSConfig(r=5))
+    perturbed_copy(model)
+    exported_matches_peft(model, tmp_path / "ours", alpha=-1.0)
+    path = peft_saved(PeftMissConfig(r=4, init_weights="bat", target_modules=["up"]), tmp_path / "bat")
+    with pytest.raises(PeftFormatError, match=r"MiSS with init_weights='bat' \(block \(3, 4, 4\)\) is not supported"):
+        import_peft(path, FlaxMLP(TorchMLP()), hf_name=lambda p: p)

@@ -8,9 +8,10 @@ import torch
 from peft import OFTConfig as PeftOFTConfig
 from peft.tuners.oft.layer import OFTRotationModule
 from peft_helpers import FlaxMLP, TorchMLP
-from peft_parity import assert_parity, build, randomize
+from peft_parity import assert_parity, build, exported_matches_peft, peft_saved, perturbed_copy, randomize
 
 from lora_jax import AdapterConfig, Rule, apply_adapters, merge_adapters, set_alpha
+from lora_jax.peft_format import PeftFormatError, import_peft
 from lora_jax.variants import OFTConfig
 from lora_jax.variants.oft import neumann_coefficients, skew
 
@@ -87,3 +88,15 @@ def test_bad_config(kwargs, match):
 def test_block_size_must_divide_d_in():
     with pytest.raises(ValueError, match=r"oft_block_size=5 does not divide d_in=8 at 'up'; pick one of \[1, 2, 4"):
         adapt_up(OFTConfig(oft_block_size=5))
+
+
+def test_codec_folds_alpha_into_the_generator_and_refuses_coft(tmp_path):
+    model = apply_adapters(
+        FlaxMLP(TorchMLP()), AdapterConfig(rules=(Rule(pattern="up|down", variant=OFTConfig(oft_block_size=4)),))
+    )
+    perturbed_copy(model, size=0.2)
+    exported_matches_peft(model, tmp_path / "ours", alpha=-0.7)  # PEFT's R at -0.7 Q
+    for edit, match in (({"coft": True}, "coft=True"), ({"use_cayley_neumann": False}, "use_cayley_neumann=False")):
+        path = peft_saved(PeftOFTConfig(oft_block_size=4, target_modules=["up"]), tmp_path / str(edit), edit=edit)
+        with pytest.raises(PeftFormatError, match=rf"OFT with {match} is not supported by lora_jax"):
+            import_peft(path, FlaxMLP(TorchMLP()), hf_name=lambda p: p)

@@ -131,17 +131,21 @@ class OFT(Adapter):
 
     def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:
         spec, nb = self.spec, len(self.spec.batch_shape)
-        q = self._generator()
+        q = self._generator()  # (*batch, blocks, b, b)
         h = spec.in_to_matrix(x.astype(self.dtype))  # (*batch, *free, d_in)
         free = string.ascii_lowercase[: h.ndim - nb - 1]
         bat = string.ascii_uppercase[:nb]
         h = h.reshape(*h.shape[:-1], q.shape[-3], self.block)
         alpha = self.alpha_for("hidden", x.ndim)
-        alpha = alpha[..., None] if alpha.ndim else alpha  # per row: over (blocks, block) too
-        power, delta = h, jnp.zeros_like(h)
-        for k, c in enumerate(neumann_coefficients(self.config.num_cayley_neumann_terms)):
-            power = shardings.einsum(f"{bat}{free}xy,{bat}xyz->{bat}{free}xz", power, q)
-            delta = delta + (c * alpha ** (k + 1)) * power
+        product = f"{bat}{free}xy,{bat}xyz->{bat}{free}xz"
+        if alpha.ndim == 0:  # one (blocks, b, b) matrix R - I, then one product per row
+            delta = shardings.einsum(product, h, self.rotation_minus_identity(alpha))
+        else:  # one alpha per row: the series term by term, x Q^k scaled by alpha^k
+            alpha = alpha[..., None]  # over (blocks, block) too
+            power, delta = h, jnp.zeros_like(h)
+            for k, c in enumerate(neumann_coefficients(self.config.num_cayley_neumann_terms)):
+                power = shardings.einsum(product, power, q)
+                delta = delta + (c * alpha ** (k + 1)) * power
         delta = in_from_matrix(spec, delta.reshape(*delta.shape[:-2], spec.d_in), x.ndim)
         return call_base((x.astype(self.dtype) + delta).astype(x.dtype))
 

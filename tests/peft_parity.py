@@ -146,3 +146,35 @@ def exported_matches_peft(model, path, *, alpha: float) -> None:
     theirs = PeftModel.from_pretrained(TorchMLP(), str(path))
     x = inputs()
     assert rel(model(jnp.asarray(x)), theirs(torch.from_numpy(x)).detach().numpy()) < 1e-5
+
+
+class _Wrap(nnx.Module):
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __call__(self, x):
+        return self.layer(x)
+
+
+def assert_one_alpha_per_row_is_separate_calls(variant, layout) -> None:
+    """``set_alpha`` with one value per input row gives, row by row, what a scalar alpha
+    of that value gives (0 the base bit for bit), on a layer of ``layout``."""
+    from lora_jax import set_alpha
+
+    layer, x = layout.build()
+    y_base = layer(x)
+    model = apply_adapters(_Wrap(layer), AdapterConfig(rules=(Rule(pattern="layer", variant=variant),)))
+    perturbed_copy(model, size=0.2)
+    alphas = (0.0, 1.0, -0.7)
+    singles = []
+    for a in alphas:
+        set_alpha(model, a)
+        singles.append(model(x))
+    set_alpha(model, jnp.asarray(alphas))
+    lay = model.layer.spec.layout(x.ndim)
+    row_axis = lay.out.index(lay.lhs[0])
+    swept = jnp.moveaxis(model(x), row_axis, 0)
+    assert jnp.array_equal(swept[0], jnp.moveaxis(y_base, row_axis, 0)[0])
+    for i in (1, 2):
+        assert rel(swept[i], jnp.moveaxis(singles[i], row_axis, 0)[i]) < 1e-5
+    assert rel(singles[1], y_base) > 1e-3

@@ -5,9 +5,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from layers import LAYOUTS
 from peft import LoHaConfig as PeftLoHaConfig
 from peft_helpers import FlaxMLP, TorchMLP
-from peft_parity import assert_parity, build, exported_matches_peft, peft_saved, perturbed_copy, randomize
+from peft_parity import (
+    assert_one_alpha_per_row_is_separate_calls,
+    assert_parity,
+    build,
+    exported_matches_peft,
+    peft_saved,
+    perturbed_copy,
+    randomize,
+)
 
 from lora_jax.peft_format import import_peft
 from lora_jax.variants import LoHaConfig
@@ -55,3 +64,11 @@ def test_codec_folds_alpha_and_reads_per_layer_ranks(tmp_path):
     assert (model.up.config.r, model.down.config.r, model.down.config.lora_alpha) == (2, 3, 3.0)
     perturbed_copy(model)
     exported_matches_peft(model, tmp_path / "ours", alpha=0.4)
+
+
+ROW_LAYOUTS = [lay for lay in LAYOUTS if lay.name in ("linear", "kv_packed", "o_BTNH_NHD", "per_head_BTNH_NHK")]
+
+
+@pytest.mark.parametrize("layout", ROW_LAYOUTS, ids=[lay.name for lay in ROW_LAYOUTS])
+def test_one_alpha_per_row_is_a_sweep_in_one_pass(layout):
+    assert_one_alpha_per_row_is_separate_calls(LoHaConfig(r=2), layout)

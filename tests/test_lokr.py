@@ -3,10 +3,19 @@ factorization against PEFT's, errors. (The factored forward against the dense me
 kernel on every layout: tests/test_contract.py.)"""
 
 import pytest
+from layers import LAYOUTS
 from peft import LoKrConfig as PeftLoKrConfig
 from peft.tuners.lokr.layer import factorization as peft_factorization
 from peft_helpers import FlaxMLP, TorchMLP
-from peft_parity import assert_parity, build, exported_matches_peft, peft_saved, perturbed_copy, randomize
+from peft_parity import (
+    assert_one_alpha_per_row_is_separate_calls,
+    assert_parity,
+    build,
+    exported_matches_peft,
+    peft_saved,
+    perturbed_copy,
+    randomize,
+)
 
 from lora_jax import AdapterConfig, Rule, apply_adapters
 from lora_jax.peft_format import PeftFormatError, import_peft
@@ -56,3 +65,11 @@ def test_codec_folds_alpha_and_refuses_factors_the_config_does_not_build(tmp_pat
     path = peft_saved(config, tmp_path / "theirs", edit={"r": 8})  # factored tensors, a config for full ones
     with pytest.raises(PeftFormatError, match=r"LoKr tensors .* are not the factors that r=8, decompose_both=True"):
         import_peft(path, FlaxMLP(TorchMLP()), hf_name=lambda p: p)
+
+
+ROW_LAYOUTS = [lay for lay in LAYOUTS if lay.name in ("linear", "kv_packed", "o_BTNH_NHD", "per_head_BTNH_NHK")]
+
+
+@pytest.mark.parametrize("layout", ROW_LAYOUTS, ids=[lay.name for lay in ROW_LAYOUTS])
+def test_one_alpha_per_row_is_a_sweep_in_one_pass(layout):
+    assert_one_alpha_per_row_is_separate_calls(LoKrConfig(r=1, decompose_both=True), layout)

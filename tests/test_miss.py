@@ -4,9 +4,18 @@ alpha = -1 as PEFT's unmerge, and config errors."""
 import numpy as np
 import pytest
 import torch
+from layers import LAYOUTS
 from peft import MissConfig as PeftMissConfig
 from peft_helpers import FlaxMLP, TorchMLP
-from peft_parity import assert_parity, build, exported_matches_peft, peft_saved, perturbed_copy, randomize
+from peft_parity import (
+    assert_one_alpha_per_row_is_separate_calls,
+    assert_parity,
+    build,
+    exported_matches_peft,
+    peft_saved,
+    perturbed_copy,
+    randomize,
+)
 
 from lora_jax import AdapterConfig, Rule, apply_adapters, merge_adapters, set_alpha
 from lora_jax.peft_format import PeftFormatError, import_peft
@@ -63,3 +72,11 @@ def test_codec_folds_alpha_and_refuses_bat(tmp_path):
     path = peft_saved(PeftMissConfig(r=4, init_weights="bat", target_modules=["up"]), tmp_path / "bat")
     with pytest.raises(PeftFormatError, match=r"MiSS with init_weights='bat' \(block \(3, 4, 4\)\) is not supported"):
         import_peft(path, FlaxMLP(TorchMLP()), hf_name=lambda p: p)
+
+
+ROW_LAYOUTS = [lay for lay in LAYOUTS if lay.name in ("linear", "kv_packed", "o_BTNH_NHD", "per_head_BTNH_NHK")]
+
+
+@pytest.mark.parametrize("layout", ROW_LAYOUTS, ids=[lay.name for lay in ROW_LAYOUTS])
+def test_one_alpha_per_row_is_a_sweep_in_one_pass(layout):
+    assert_one_alpha_per_row_is_separate_calls(MiSSConfig(r=4), layout)

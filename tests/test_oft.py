@@ -5,10 +5,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from layers import LAYOUTS
 from peft import OFTConfig as PeftOFTConfig
 from peft.tuners.oft.layer import OFTRotationModule
 from peft_helpers import FlaxMLP, TorchMLP
-from peft_parity import assert_parity, build, exported_matches_peft, peft_saved, perturbed_copy, randomize
+from peft_parity import (
+    assert_one_alpha_per_row_is_separate_calls,
+    assert_parity,
+    build,
+    exported_matches_peft,
+    peft_saved,
+    perturbed_copy,
+    randomize,
+)
 
 from lora_jax import AdapterConfig, Rule, apply_adapters, merge_adapters, set_alpha
 from lora_jax.peft_format import PeftFormatError, import_peft
@@ -100,3 +109,11 @@ def test_codec_folds_alpha_into_the_generator_and_refuses_coft(tmp_path):
         path = peft_saved(PeftOFTConfig(oft_block_size=4, target_modules=["up"]), tmp_path / str(edit), edit=edit)
         with pytest.raises(PeftFormatError, match=rf"OFT with {match} is not supported by lora_jax"):
             import_peft(path, FlaxMLP(TorchMLP()), hf_name=lambda p: p)
+
+
+ROW_LAYOUTS = [lay for lay in LAYOUTS if lay.name in ("linear", "kv_packed", "o_BTNH_NHD", "per_head_BTNH_NHK")]
+
+
+@pytest.mark.parametrize("layout", ROW_LAYOUTS, ids=[lay.name for lay in ROW_LAYOUTS])
+def test_one_alpha_per_row_is_a_sweep_in_one_pass(layout):
+    assert_one_alpha_per_row_is_separate_calls(OFTConfig(oft_block_size=2), layout)

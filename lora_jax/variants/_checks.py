@@ -55,10 +55,3 @@ def check_oversample(variant: str, field: str, value: int) -> None:
             f"{variant}: {field}={value!r} must be an integer >= 0 (extra randomized-SVD sketch columns, e.g. 8)"
         )
 
-
-def peft_format_error(message: str) -> ValueError:
-    """A :class:`lora_jax.peft_format.PeftFormatError` (imported late: peft_format sits above
-    the variants), for a variant's PEFT codec to raise on a file that does not fit."""
-    from lora_jax.peft_format import PeftFormatError
-
-    return PeftFormatError(message)

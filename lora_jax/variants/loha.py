@@ -33,7 +33,28 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from lora_jax.adapter import Adapter, AdapterParam, Target, VariantConfig
-from lora_jax.variants._checks import check_rank, peft_format_error
+from lora_jax.peft_codec import PeftCodec, PeftFormatError
+from lora_jax.variants._checks import check_rank
+
+# -- PEFT's format: peft_type LOHA, each tensor is ours transposed ----------------------
+LOHA_TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+
+
+def loha_to_peft(adapter: LoHa) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The delta is linear in alpha, so alpha goes into ``hada_w2_a``."""
+    arrays = {name: np.asarray(getattr(adapter, name)[...], np.float32) for name in LOHA_TENSORS}
+    arrays["hada_w2_a"] = arrays["hada_w2_a"] * np.float32(adapter.scalar_alpha())
+    return {"r": adapter.config.r, "alpha": adapter.config.lora_alpha}, {k: v.T for k, v in arrays.items()}
+
+
+def loha_from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[LoHaConfig, dict]:
+    """``rank_dropout`` / ``module_dropout`` act in training only and are dropped."""
+    rank = tensors["hada_w1_a"].shape[1]
+    if cfg.get("r", rank) != rank:
+        raise PeftFormatError(
+            f"adapter_config.json gives r={cfg['r']!r} (after rank_pattern) but hada_w1_a has rank {rank}"
+        )
+    return LoHaConfig(r=rank, lora_alpha=float(cfg["alpha"])), {k: tensors[k].T for k in LOHA_TENSORS}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -41,6 +62,15 @@ class LoHaConfig(VariantConfig):
     """``r`` rank of each factor pair; ``lora_alpha`` the scale numerator (PEFT's ``alpha``)."""
 
     name = "loha"
+    peft_codec = PeftCodec(
+        "LOHA",
+        flags={},
+        patterns={"r": "rank_pattern", "alpha": "alpha_pattern"},
+        suffixes=LOHA_TENSORS,
+        to_peft=loha_to_peft,
+        from_peft=loha_from_peft,
+        folds_alpha=True,
+    )
     r: int = 8
     lora_alpha: float = 8.0
 
@@ -90,24 +120,3 @@ class LoHa(Adapter):
     def merged(self, kernel, bias):
         p, q = self._factors()
         return kernel + (self.scalar_alpha() * self.config.scale) * (p @ q), bias
-
-
-# -- PEFT's format: peft_type LOHA, each tensor is ours transposed ----------------------
-LOHA_TENSORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-
-
-def loha_to_peft(adapter: LoHa) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The delta is linear in alpha, so alpha goes into ``hada_w2_a``."""
-    arrays = {name: np.asarray(getattr(adapter, name)[...], np.float32) for name in LOHA_TENSORS}
-    arrays["hada_w2_a"] = arrays["hada_w2_a"] * np.float32(adapter.scalar_alpha())
-    return {"r": adapter.config.r, "alpha": adapter.config.lora_alpha}, {k: v.T for k, v in arrays.items()}
-
-
-def loha_from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[LoHaConfig, dict]:
-    """``rank_dropout`` / ``module_dropout`` act in training only and are dropped."""
-    rank = tensors["hada_w1_a"].shape[1]
-    if cfg.get("r", rank) != rank:
-        raise peft_format_error(
-            f"adapter_config.json gives r={cfg['r']!r} (after rank_pattern) but hada_w1_a has rank {rank}"
-        )
-    return LoHaConfig(r=rank, lora_alpha=float(cfg["alpha"])), {k: tensors[k].T for k in LOHA_TENSORS}

@@ -37,7 +37,7 @@ from jaxtyping import Array, Float
 
 from lora_jax import shardings
 from lora_jax.adapter import Adapter, AdapterParam, Target, VariantConfig
-from lora_jax.variants._checks import peft_format_error
+from lora_jax.peft_codec import PeftCodec, PeftFormatError
 
 
 def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
@@ -58,6 +58,43 @@ def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
     return min(m, dim // m), max(m, dim // m)
 
 
+# -- PEFT's format: peft_type LOKR, each tensor is ours transposed ----------------------
+LOKR_TENSORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+
+
+def lokr_to_peft(adapter: LoKr) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The delta is linear in W1, so alpha goes into ``lokr_w1`` (or ``lokr_w1_a``)."""
+    arrays = {n: np.asarray(vars(adapter)[n][...], np.float32) for n in LOKR_TENSORS if n in vars(adapter)}
+    first = "lokr_w1" if "lokr_w1" in arrays else "lokr_w1_a"
+    arrays[first] = arrays[first] * np.float32(adapter.scalar_alpha())
+    cfg = adapter.config
+    entries = {"r": cfg.r, "alpha": cfg.lora_alpha, "decompose_both": cfg.decompose_both}
+    return {**entries, "decompose_factor": cfg.decompose_factor}, {k: v.T for k, v in arrays.items()}
+
+
+def lokr_from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[LoKrConfig, dict]:
+    """Checks that the file's factors are the ones this config builds (full or decomposed);
+    ``rank_dropout`` / ``module_dropout`` act in training only and are dropped."""
+    config = LoKrConfig(
+        r=int(cfg["r"]),
+        lora_alpha=float(cfg["alpha"]),
+        decompose_both=bool(cfg.get("decompose_both", False)),
+        decompose_factor=int(cfg.get("decompose_factor", -1)),
+    )
+    w1 = tensors["lokr_w1"] if "lokr_w1" in tensors else tensors["lokr_w1_a"] @ tensors["lokr_w1_b"]
+    w2 = tensors["lokr_w2"] if "lokr_w2" in tensors else tensors["lokr_w2_a"] @ tensors["lokr_w2_b"]
+    (c, a, w1_low), (d, b, w2_low) = lokr_shapes(config, w1.shape[1] * w2.shape[1], w1.shape[0] * w2.shape[0])
+    want = {*(("lokr_w1_a", "lokr_w1_b") if w1_low else ("lokr_w1",))}
+    want |= {*(("lokr_w2_a", "lokr_w2_b") if w2_low else ("lokr_w2",))}
+    if set(tensors) != want or w1.shape != (a, c) or w2.shape != (b, d):
+        raise PeftFormatError(
+            f"LoKr tensors {sorted(tensors)} (W1 {w1.shape}, W2 {w2.shape}) are not the factors that r={config.r}, "
+            f"decompose_both={config.decompose_both}, decompose_factor={config.decompose_factor} give for this "
+            f"layer ({sorted(want)}, W1 {(a, c)}, W2 {(b, d)}); fix r / rank_pattern in adapter_config.json"
+        )
+    return config, {k: v.T for k, v in tensors.items()}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoKrConfig(VariantConfig):
     """``r`` rank of a decomposed factor; ``lora_alpha`` the scale numerator (PEFT's
@@ -65,6 +102,16 @@ class LoKrConfig(VariantConfig):
     preferred first factor of each dimension (-1: near its square root)."""
 
     name = "lokr"
+    peft_codec = PeftCodec(
+        "LOKR",
+        flags={},
+        patterns={"r": "rank_pattern", "alpha": "alpha_pattern"},
+        suffixes=LOKR_TENSORS,
+        to_peft=lokr_to_peft,
+        from_peft=lokr_from_peft,
+        folds_alpha=True,
+        partial=True,
+    )
     r: int = 8
     lora_alpha: float = 8.0
     decompose_both: bool = False
@@ -143,40 +190,3 @@ class LoKr(Adapter):
         w1, w2 = self._factor("w1"), self._factor("w2")
         kron = (w1[..., :, None, :, None] * w2[..., None, :, None, :]).reshape(kernel.shape)
         return kernel + (self.scalar_alpha() * self.config.scale) * kron, bias
-
-
-# -- PEFT's format: peft_type LOKR, each tensor is ours transposed ----------------------
-LOKR_TENSORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
-
-
-def lokr_to_peft(adapter: LoKr) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The delta is linear in W1, so alpha goes into ``lokr_w1`` (or ``lokr_w1_a``)."""
-    arrays = {n: np.asarray(vars(adapter)[n][...], np.float32) for n in LOKR_TENSORS if n in vars(adapter)}
-    first = "lokr_w1" if "lokr_w1" in arrays else "lokr_w1_a"
-    arrays[first] = arrays[first] * np.float32(adapter.scalar_alpha())
-    cfg = adapter.config
-    entries = {"r": cfg.r, "alpha": cfg.lora_alpha, "decompose_both": cfg.decompose_both}
-    return {**entries, "decompose_factor": cfg.decompose_factor}, {k: v.T for k, v in arrays.items()}
-
-
-def lokr_from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[LoKrConfig, dict]:
-    """Checks that the file's factors are the ones this config builds (full or decomposed);
-    ``rank_dropout`` / ``module_dropout`` act in training only and are dropped."""
-    config = LoKrConfig(
-        r=int(cfg["r"]),
-        lora_alpha=float(cfg["alpha"]),
-        decompose_both=bool(cfg.get("decompose_both", False)),
-        decompose_factor=int(cfg.get("decompose_factor", -1)),
-    )
-    w1 = tensors["lokr_w1"] if "lokr_w1" in tensors else tensors["lokr_w1_a"] @ tensors["lokr_w1_b"]
-    w2 = tensors["lokr_w2"] if "lokr_w2" in tensors else tensors["lokr_w2_a"] @ tensors["lokr_w2_b"]
-    (c, a, w1_low), (d, b, w2_low) = lokr_shapes(config, w1.shape[1] * w2.shape[1], w1.shape[0] * w2.shape[0])
-    want = {*(("lokr_w1_a", "lokr_w1_b") if w1_low else ("lokr_w1",))}
-    want |= {*(("lokr_w2_a", "lokr_w2_b") if w2_low else ("lokr_w2",))}
-    if set(tensors) != want or w1.shape != (a, c) or w2.shape != (b, d):
-        raise peft_format_error(
-            f"LoKr tensors {sorted(tensors)} (W1 {w1.shape}, W2 {w2.shape}) are not the factors that r={config.r}, "
-            f"decompose_both={config.decompose_both}, decompose_factor={config.decompose_factor} give for this "
-            f"layer ({sorted(want)}, W1 {(a, c)}, W2 {(b, d)}); fix r / rank_pattern in adapter_config.json"
-        )
-    return config, {k: v.T for k, v in tensors.items()}

@@ -32,7 +32,31 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from lora_jax.adapter import Adapter, AdapterParam, Target, VariantConfig
-from lora_jax.variants._checks import check_dropout, peft_format_error
+from lora_jax.peft_codec import PeftCodec, PeftFormatError
+from lora_jax.variants._checks import check_dropout
+
+
+# -- PEFT's format: peft_type MISS, tensor miss_block (r, d_out or mini_r) as ours -------
+def miss_to_peft(adapter: MiSS) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The delta is linear in alpha, so alpha goes into the block."""
+    cfg = adapter.config
+    entries = {"r": cfg.r, "mini_r": cfg.mini_r or 1, "init_weights": True if cfg.mini_r is None else "mini"}
+    block = np.asarray(adapter.miss_block[...], np.float32) * np.float32(adapter.scalar_alpha())
+    return {**entries, "miss_dropout": cfg.dropout}, {"miss_block": block}
+
+
+def miss_from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[MiSSConfig, dict]:
+    block, kind = tensors["miss_block"], cfg.get("init_weights", True)
+    if kind not in (True, "mini") or block.ndim != 2:
+        raise PeftFormatError(
+            f"MiSS with init_weights={kind!r} (block {block.shape}) is not supported by lora_jax; "
+            "only the default (balance) and 'mini' forms are"
+        )
+    if cfg.get("r", block.shape[0]) != block.shape[0]:
+        raise PeftFormatError(f"adapter_config.json gives r={cfg['r']!r} but miss_block has {block.shape[0]} rows")
+    mini_r = int(cfg.get("mini_r", 1)) if kind == "mini" else None
+    dropout = float(cfg.get("miss_dropout") or 0.0)
+    return MiSSConfig(r=block.shape[0], mini_r=mini_r, dropout=dropout), {"miss_block": block}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -41,6 +65,15 @@ class MiSSConfig(VariantConfig):
     repeated across the outputs (must divide d_out); ``dropout`` on the input (train mode)."""
 
     name = "miss"
+    peft_codec = PeftCodec(
+        "MISS",
+        flags={},
+        patterns={},
+        suffixes=("miss_block",),
+        to_peft=miss_to_peft,
+        from_peft=miss_from_peft,
+        folds_alpha=True,
+    )
     r: int = 64
     mini_r: int | None = None
     dropout: float = 0.0
@@ -103,27 +136,3 @@ class MiSS(Adapter):
         reps = math.ceil(kernel.shape[-2] / d.shape[-2])
         tiled = jnp.tile(d, (1,) * (d.ndim - 2) + (reps, 1))[..., : kernel.shape[-2], :]
         return kernel + self.scalar_alpha() * tiled, bias
-
-
-
-# -- PEFT's format: peft_type MISS, tensor miss_block (r, d_out or mini_r) as ours -------
-def miss_to_peft(adapter: MiSS) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """The delta is linear in alpha, so alpha goes into the block."""
-    cfg = adapter.config
-    entries = {"r": cfg.r, "mini_r": cfg.mini_r or 1, "init_weights": True if cfg.mini_r is None else "mini"}
-    block = np.asarray(adapter.miss_block[...], np.float32) * np.float32(adapter.scalar_alpha())
-    return {**entries, "miss_dropout": cfg.dropout}, {"miss_block": block}
-
-
-def miss_from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[MiSSConfig, dict]:
-    block, kind = tensors["miss_block"], cfg.get("init_weights", True)
-    if kind not in (True, "mini") or block.ndim != 2:
-        raise peft_format_error(
-            f"MiSS with init_weights={kind!r} (block {block.shape}) is not supported by lora_jax; "
-            "only the default (balance) and 'mini' forms are"
-        )
-    if cfg.get("r", block.shape[0]) != block.shape[0]:
-        raise peft_format_error(f"adapter_config.json gives r={cfg['r']!r} but miss_block has {block.shape[0]} rows")
-    mini_r = int(cfg.get("mini_r", 1)) if kind == "mini" else None
-    dropout = float(cfg.get("miss_dropout") or 0.0)
-    return MiSSConfig(r=block.shape[0], mini_r=mini_r, dropout=dropout), {"miss_block": block}

@@ -40,7 +40,7 @@ from jaxtyping import Array, Float
 from lora_jax import shardings
 from lora_jax.adapter import Adapter, AdapterParam, Target, VariantConfig
 from lora_jax.einsum_spec import EinsumSpec
-from lora_jax.variants._checks import peft_format_error
+from lora_jax.peft_codec import PeftCodec, PeftFormatError
 
 
 def neumann_coefficients(terms: int) -> tuple[int, ...]:
@@ -69,12 +69,45 @@ def in_from_matrix(spec: EinsumSpec, m: Array, ndim: int) -> Array:
     return jnp.transpose(split, [order.index(c) for c in lay.lhs])
 
 
+# -- PEFT's format: peft_type OFT, tensor oft_R.weight (n, b(b-1)/2) as ours -------------
+def oft_to_peft(adapter: OFT) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Alpha scales the generator, which is what PEFT computes from ``alpha * oft_R.weight``."""
+    cfg = adapter.config
+    entries = {"r": cfg.r, "oft_block_size": cfg.oft_block_size, "block_share": cfg.block_share}
+    entries |= {"num_cayley_neumann_terms": cfg.num_cayley_neumann_terms, "use_cayley_neumann": True, "coft": False}
+    weight = np.asarray(adapter.oft_r[...], np.float32) * np.float32(adapter.scalar_alpha())
+    return entries, {"oft_R.weight": weight}
+
+
+def oft_from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[OFTConfig, dict]:
+    """``module_dropout`` acts in training only and is dropped."""
+    for key, supported in (("coft", False), ("use_cayley_neumann", True)):
+        if cfg.get(key, supported) != supported:
+            raise PeftFormatError(f"OFT with {key}={cfg[key]!r} is not supported by lora_jax (see variants/oft.py)")
+    config = OFTConfig(
+        r=int(cfg.get("r", 0)),
+        oft_block_size=int(cfg.get("oft_block_size", 0)),
+        block_share=bool(cfg.get("block_share", False)),
+        num_cayley_neumann_terms=int(cfg.get("num_cayley_neumann_terms", 5)),
+    )
+    return config, {"oft_r": tensors["oft_R.weight"]}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OFTConfig(VariantConfig):
     """Exactly one of ``r`` (number of blocks) and ``oft_block_size`` is non-zero, as in
     PEFT; ``block_share`` one rotation for every block; ``num_cayley_neumann_terms``."""
 
     name = "oft"
+    peft_codec = PeftCodec(
+        "OFT",
+        flags={},
+        patterns={},
+        suffixes=("oft_R.weight",),
+        to_peft=oft_to_peft,
+        from_peft=oft_from_peft,
+        folds_alpha=True,
+    )
     r: int = 0
     oft_block_size: int = 32
     block_share: bool = False
@@ -154,28 +187,3 @@ class OFT(Adapter):
         blocks = kernel.reshape(*kernel.shape[:-2], d.shape[-3], self.block, kernel.shape[-1])
         moved = shardings.einsum("...nkc,...nco->...nko", d, blocks)
         return kernel + moved.reshape(kernel.shape), bias
-
-
-
-# -- PEFT's format: peft_type OFT, tensor oft_R.weight (n, b(b-1)/2) as ours -------------
-def oft_to_peft(adapter: OFT) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Alpha scales the generator, which is what PEFT computes from ``alpha * oft_R.weight``."""
-    cfg = adapter.config
-    entries = {"r": cfg.r, "oft_block_size": cfg.oft_block_size, "block_share": cfg.block_share}
-    entries |= {"num_cayley_neumann_terms": cfg.num_cayley_neumann_terms, "use_cayley_neumann": True, "coft": False}
-    weight = np.asarray(adapter.oft_r[...], np.float32) * np.float32(adapter.scalar_alpha())
-    return entries, {"oft_R.weight": weight}
-
-
-def oft_from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[OFTConfig, dict]:
-    """``module_dropout`` acts in training only and is dropped."""
-    for key, supported in (("coft", False), ("use_cayley_neumann", True)):
-        if cfg.get(key, supported) != supported:
-            raise peft_format_error(f"OFT with {key}={cfg[key]!r} is not supported by lora_jax (see variants/oft.py)")
-    config = OFTConfig(
-        r=int(cfg.get("r", 0)),
-        oft_block_size=int(cfg.get("oft_block_size", 0)),
-        block_share=bool(cfg.get("block_share", False)),
-        num_cayley_neumann_terms=int(cfg.get("num_cayley_neumann_terms", 5)),
-    )
-    return config, {"oft_r": tensors["oft_R.weight"]}

@@ -178,12 +178,13 @@ class LoKr(Adapter):
         w1, w2 = self._factor("w1"), self._factor("w2")
         xm = spec.in_to_matrix(x.astype(self.dtype))  # (*batch, *free, d_in)
         nb = len(spec.batch_shape)
-        rows = xm.shape[nb:-1]
-        xm = xm.reshape(*xm.shape[:nb], math.prod(rows), w1.shape[-2], w2.shape[-2])
-        p = string.ascii_uppercase[:nb]
-        h = shardings.einsum(f"{p}fcd,{p}db->{p}fcb", xm, w2)
-        h = shardings.einsum(f"{p}fcb,{p}ca->{p}fab", h, w1)
-        h = h.reshape(*xm.shape[:nb], *rows, spec.d_out) * (self.alpha_for("hidden", x.ndim) * self.config.scale)
+        # split only d_in (row axes stay as they are: they may be sharded)
+        xm = shardings.reshape(xm, (*xm.shape[:-1], w1.shape[-2], w2.shape[-2]))
+        p, f = string.ascii_uppercase[:nb], string.ascii_lowercase[5 : 5 + xm.ndim - nb - 2]
+        h = shardings.einsum(f"{p}{f}cd,{p}db->{p}{f}cb", xm, w2)
+        h = shardings.einsum(f"{p}{f}cb,{p}ca->{p}{f}ab", h, w1)
+        h = shardings.reshape(h, (*h.shape[:-2], spec.d_out))
+        h = h * (self.alpha_for("hidden", x.ndim) * self.config.scale)
         return y + spec.out_from_matrix(h, x.ndim).astype(y.dtype)
 
     def merged(self, kernel, bias):

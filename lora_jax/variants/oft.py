@@ -168,7 +168,7 @@ class OFT(Adapter):
         h = spec.in_to_matrix(x.astype(self.dtype))  # (*batch, *free, d_in)
         free = string.ascii_lowercase[: h.ndim - nb - 1]
         bat = string.ascii_uppercase[:nb]
-        h = h.reshape(*h.shape[:-1], q.shape[-3], self.block)
+        h = shardings.reshape(h, (*h.shape[:-1], q.shape[-3], self.block))
         alpha = self.alpha_for("hidden", x.ndim)
         product = f"{bat}{free}xy,{bat}xyz->{bat}{free}xz"
         if alpha.ndim == 0:  # one (blocks, b, b) matrix R - I, then one product per row
@@ -179,11 +179,13 @@ class OFT(Adapter):
             for k, c in enumerate(neumann_coefficients(self.config.num_cayley_neumann_terms)):
                 power = shardings.einsum(product, power, q)
                 delta = delta + (c * alpha ** (k + 1)) * power
-        delta = in_from_matrix(spec, delta.reshape(*delta.shape[:-2], spec.d_in), x.ndim)
+        delta = in_from_matrix(spec, shardings.reshape(delta, (*delta.shape[:-2], spec.d_in)), x.ndim)
         return call_base((x.astype(self.dtype) + delta).astype(x.dtype))
 
     def merged(self, kernel, bias):
         d = self.rotation_minus_identity(self.scalar_alpha())
-        blocks = kernel.reshape(*kernel.shape[:-2], d.shape[-3], self.block, kernel.shape[-1])
-        moved = shardings.einsum("...nkc,...nco->...nko", d, blocks)
-        return kernel + moved.reshape(kernel.shape), bias
+        # The dense block-diagonal R - I, built whole on every device (a one-off, d_in x d_in,
+        # as HRA's merge): one product with the kernel keeps the kernel's sharding.
+        n, b = d.shape[-3], self.block
+        dense = jnp.einsum("nm,...nkc->...nkmc", jnp.eye(n, dtype=d.dtype), d).reshape(*d.shape[:-3], n * b, n * b)
+        return kernel + shardings.einsum("...ec,...co->...eo", dense, kernel), bias

@@ -40,7 +40,8 @@ class PeftCodec:
     layers (IA3's ``feedforward_modules``). ``folds_alpha``: the codec writes the delta at
     the current alpha; otherwise export needs alpha = 1, since PEFT has no alpha.
     ``alt_suffixes``: the tensor set a layer may have instead (LoRA on an embedding:
-    ``lora_embedding_A`` / ``lora_embedding_B``).
+    ``lora_embedding_A`` / ``lora_embedding_B``). ``partial``: a layer holds some of
+    ``suffixes`` and ``from_peft`` checks which (LoKr's factors are full or low-rank).
     """
 
     peft_type: str
@@ -52,6 +53,7 @@ class PeftCodec:
     member_of: str | None = None
     folds_alpha: bool = False
     alt_suffixes: tuple[str, ...] = ()
+    partial: bool = False
 
 
 def host_array(x: Any) -> np.ndarray:

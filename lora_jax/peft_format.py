@@ -264,7 +264,9 @@ def import_peft(path: str | Path, base_model: M, *, hf_name: Callable[[str], str
     rules, values = [], {}
     for name, nnx_path in sorted(by_name.items(), key=lambda item: item[1]):
         codec = _codec_for(config, name)
-        if set(groups[name]) not in ({*codec.suffixes}, {*codec.alt_suffixes}):
+        held = set(groups[name])
+        fits = held in ({*codec.suffixes}, {*codec.alt_suffixes}) or (codec.partial and held <= set(codec.suffixes))
+        if not fits:
             expected = " or ".join(str(sorted(s)) for s in (codec.suffixes, codec.alt_suffixes) if s)
             raise PeftFormatError(f"{path}: module {name!r} has tensors {sorted(groups[name])}, expected {expected}")
         layer = dict(config)

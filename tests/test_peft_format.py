@@ -136,8 +136,15 @@ def test_peft_saved_adapter_imports_with_peft_outputs(tmp_path):
 ACTIVE = sorted(name for name in CODECS if name in VARIANTS)
 
 
-# PiSSA / OLoRA export as a rank-2r LoRA, which must fit min(d_in, d_out) = 8 to import.
-OPTIONS = {"pissa": {"r": 4}, "olora": {"r": 4}}
+# PiSSA / OLoRA export as a rank-2r LoRA, which must fit min(d_in, d_out) = 8 to import;
+# OFT's blocks and MiSS's shards must fit d_in = 8; LoKr with low-rank factors on both sides.
+OPTIONS = {
+    "pissa": {"r": 4},
+    "olora": {"r": 4},
+    "oft": {"oft_block_size": 4},
+    "miss": {"r": 4},
+    "lokr": {"r": 1, "decompose_both": True},
+}
 
 
 def moved(name: str) -> nnx.Module:

@@ -119,7 +119,8 @@ TOP_LEVEL = {
     "Configuration": ["AdapterConfig", "Rule", "VariantConfig"],
     "Variant configs": [
         "LoRAConfig", "PiSSAConfig", "OLoRAConfig", "DoRAConfig", "DeLoRAConfig", "IA3Config", "IA3FFConfig",
-        "HRAConfig", "ROADConfig", "EVAConfig", "AntiPaSTOConfig",
+        "HRAConfig", "ROADConfig", "EVAConfig", "AntiPaSTOConfig", "LoHaConfig", "LoKrConfig", "OFTConfig",
+        "MiSSConfig",
     ],
     "The adapter and its Variable types": [
         "Adapter", "AdapterParam", "AdapterState", "Alpha", "DoRAMagnitude", "DeLoRALambda", "DeltaS",

@@ -66,7 +66,11 @@ from lora_jax.variants.eva_calibration import EvaPlan, apply_eva_plan, eva_init,
 from lora_jax.variants.hra import HRAConfig
 from lora_jax.variants.ia3 import IA3Config
 from lora_jax.variants.ia3_ff import IA3FFConfig
+from lora_jax.variants.loha import LoHaConfig
+from lora_jax.variants.lokr import LoKrConfig
 from lora_jax.variants.lora import LoRAConfig
+from lora_jax.variants.miss import MiSSConfig
+from lora_jax.variants.oft import OFTConfig
 from lora_jax.variants.olora import OLoRAConfig
 from lora_jax.variants.pissa import PiSSAConfig
 from lora_jax.variants.road import ROADConfig
@@ -133,6 +137,10 @@ __all__ = [
     "ROADConfig",
     "EVAConfig",
     "AntiPaSTOConfig",
+    "LoHaConfig",
+    "LoKrConfig",
+    "OFTConfig",
+    "MiSSConfig",
     # the module and its Variable types (filters for nnx.state / nnx.Optimizer(wrt=))
     "Adapter",
     "AdapterParam",

@@ -29,7 +29,8 @@ from flax import nnx
 from jaxtyping import Array, ArrayLike, Float
 
 from lora_jax import projections, shardings
-from lora_jax.views import EinsumSpec, ViewInfo
+from lora_jax.einsum_spec import EinsumSpec
+from lora_jax.views import ViewInfo
 
 __all__ = [
     "ADAPTER_VARIABLES",

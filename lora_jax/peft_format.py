@@ -171,6 +171,71 @@ def _ia3_codec(variant: str, shape: Callable[[int], tuple[int, int]], member_of:
     return PeftCodec("IA3", {}, {}, ("ia3_l",), to_peft, from_peft, member_of=member_of)
 
 
+def _check_rank(cfg: Mapping[str, Any], rank: int, tensor: str) -> None:
+    if "r" in cfg and cfg["r"] != rank:
+        raise PeftFormatError(
+            f"adapter_config.json gives r={cfg['r']!r} (after rank_pattern) but {tensor} has rank {rank}; "
+            "PEFT refuses this too. Fix r or rank_pattern in adapter_config.json"
+        )
+
+
+def _config(make: Callable[[], VariantConfig]) -> VariantConfig:
+    try:
+        return make()
+    except ValueError as err:  # the variant's own message says what is wrong
+        raise PeftFormatError(str(err)) from err
+
+
+def _delora_to_peft(adapter: Adapter) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``delora_A (r, d_in)``, ``delora_B (d_out, r)``, ``delora_lambda (1,)``, ``delora_w_norm
+    (d_in,)``; the delta is linear in lambda, so alpha is folded into it."""
+    cfg = adapter.config
+    entries = {"r": cfg.r, "delora_lambda": cfg.delora_lambda, "module_dropout": cfg.dropout}
+    return entries, {
+        "delora_A": _numpy(adapter.lora_a[...]).T,
+        "delora_B": _numpy(adapter.lora_b[...]).T,
+        "delora_lambda": _numpy(adapter.delora_lambda[...] * adapter.scalar_alpha()).reshape(1),
+        "delora_w_norm": _numpy(adapter.w_norm[...]),
+    }
+
+
+def _delora_from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[VariantConfig, dict]:
+    a, b, lam = tensors["delora_A"].T, tensors["delora_B"].T, tensors["delora_lambda"]
+    _check_rank(cfg, a.shape[1], f"delora_A (shape {a.T.shape})")
+    # module_dropout is PEFT's dropout on the adapter's input, as DeLoRAConfig.dropout
+    options = {"delora_lambda": float(cfg.get("delora_lambda", 15)), "dropout": float(cfg.get("module_dropout") or 0)}
+    variant = _config(lambda: VARIANTS["delora"](r=a.shape[1], **options))
+    lam = lam.reshape(()) if lam.size == 1 else lam  # (1,) in PEFT, a scalar per layer here
+    return variant, {"lora_a": a, "lora_b": b, "delora_lambda": lam, "w_norm": tensors["delora_w_norm"]}
+
+
+def _hra_to_peft(adapter: Adapter) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    return {"r": adapter.config.r, "apply_GS": False}, {"hra_u": _numpy(adapter.hra_u[...])}
+
+
+def _hra_from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[VariantConfig, dict]:
+    if cfg.get("apply_GS", False):
+        raise PeftFormatError(
+            "apply_GS=True (HRA's Gram-Schmidt form) is not implemented in lora_jax, whose HRA is the product of "
+            "reflections (apply_GS=False); retrain with apply_GS=False"
+        )
+    u = tensors["hra_u"]
+    _check_rank(cfg, u.shape[1], f"hra_u (shape {u.shape})")
+    return _config(lambda: VARIANTS["hra"](r=u.shape[1])), {"hra_u": u}
+
+
+def _road_to_peft(adapter: Adapter) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    cfg = adapter.config
+    arrays = {"road_theta": _numpy(adapter.theta[...]), "road_alpha": _numpy(adapter.magnitude[...])}
+    return {"variant": cfg.kind, "group_size": cfg.group_size}, arrays
+
+
+def _road_from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[VariantConfig, dict]:
+    options = {"kind": cfg.get("variant", "road_1"), "group_size": cfg.get("group_size", 64)}  # PEFT's defaults
+    variant = _config(lambda: VARIANTS["road"](**options))
+    return variant, {"theta": tensors["road_theta"], "magnitude": tensors["road_alpha"]}
+
+
 _LORA = {"peft_type": "LORA", "patterns": {"r": "rank_pattern", "lora_alpha": "alpha_pattern"}}
 _LORA_AB = ("lora_A.weight", "lora_B.weight")
 # Rows for variants this build lacks are ignored (see _codecs).
@@ -201,6 +266,17 @@ CODECS: dict[str, PeftCodec] = {
         to_peft=_dora_to_peft,
         from_peft=_dora_from_peft,
     ),
+    "delora": PeftCodec(
+        "DELORA",
+        flags={},
+        patterns={"r": "rank_pattern", "delora_lambda": "lambda_pattern"},
+        suffixes=("delora_A", "delora_B", "delora_lambda", "delora_w_norm"),
+        to_peft=_delora_to_peft,
+        from_peft=_delora_from_peft,
+        folds_alpha=True,
+    ),
+    "hra": PeftCodec("HRA", {}, {}, ("hra_u",), _hra_to_peft, _hra_from_peft),
+    "road": PeftCodec("ROAD", {}, {}, ("road_theta", "road_alpha"), _road_to_peft, _road_from_peft),
     "ia3": _ia3_codec("ia3", lambda d: (d, 1), None),
     "ia3_ff": _ia3_codec("ia3_ff", lambda d: (1, d), "feedforward_modules"),
 }

@@ -10,7 +10,8 @@ view ``(d_in, d_out)`` (:meth:`lora_jax.views.EinsumSpec.kernel_to_matrix`). Its
 ``D = U diag(s) Vh`` truncated to rank ``k`` is the best rank-k approximation
 (Eckart-Young), written as ``A = U_k diag(sqrt s_k)``, ``B = diag(sqrt s_k) Vh_k`` with
 ``lora_alpha = r`` (scale 1), through :func:`lora_jax.peft_format.export_peft`, so ranks
-that differ per layer go into PEFT's ``rank_pattern``.
+that differ per layer go into PEFT's ``rank_pattern`` and an ``nnx.Conv`` / ``nnx.Embed``
+layer becomes PEFT's Conv / Embedding LoRA.
 
 ``rank=k`` gives every layer rank ``min(k, d_in, d_out)``; ``max_error=e`` gives each
 layer the smallest rank whose relative error ``|D - A B|_F / |D|_F`` is at most ``e``

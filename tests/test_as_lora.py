@@ -212,3 +212,19 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path):
         save_as_lora(out, experts, hf_name=same_name, rank=2)
     assert not out.exists()
     jax.tree.map(np.testing.assert_array_equal, nnx.state(model), before)
+
+
+def test_conv_and_embed_layers_become_peft_conv_and_embedding_loras(tmp_path):
+    from test_lora_conv_embed import ConvEmbed, TorchConvEmbed, _lora, _nudge
+
+    torch.manual_seed(0)
+    torch_base = TorchConvEmbed()
+    ids = np.random.default_rng(0).integers(0, 11, (2, 7))
+    ours = apply_adapters(ConvEmbed(torch_base), _lora(pattern="conv|embed", r=2, lora_alpha=6))
+    _nudge(ours)
+    report = save_as_lora(tmp_path, ours, hf_name=same_name, rank=100)  # clamped to each layer's full rank
+    assert report.ranks == {"conv": 5, "embed": 4} and report.max_error <= 1e-5
+    loaded = peft.PeftModel.from_pretrained(torch_base, str(tmp_path)).eval()
+    with torch.no_grad():
+        expected = loaded(torch.from_numpy(ids)).numpy()
+    assert rel(ours(jnp.asarray(ids)), expected) <= 1e-5

@@ -6,7 +6,7 @@
 Serving engines (vLLM, sglang-jax, tpu-inference) load PEFT's LoRA format and little else.
 Every lora_jax variant has a merged kernel (:meth:`lora_jax.adapter.Adapter.merged`), so
 each adapted layer has an exact delta ``D = merged(alpha) - W`` in the kernel's matrix
-view ``(d_in, d_out)`` (:meth:`lora_jax.views.EinsumSpec.kernel_to_matrix`). Its SVD
+view ``(d_in, d_out)`` (:meth:`lora_jax.einsum_spec.EinsumSpec.kernel_to_matrix`). Its SVD
 ``D = U diag(s) Vh`` truncated to rank ``k`` is the best rank-k approximation
 (Eckart-Young), written as ``A = U_k diag(sqrt s_k)``, ``B = diag(sqrt s_k) Vh_k`` with
 ``lora_alpha = r`` (scale 1), through :func:`lora_jax.peft_format.export_peft`, so ranks
@@ -27,7 +27,7 @@ A bias delta (IA3's output gate and ROAD scale or rotate the bias too) has no pl
 plain LoRA: ``bias="refuse"`` (default) raises, ``bias="drop"`` writes the kernel part
 and counts the dropped bias in the reported error, which is then
 ``|[D; db] - [A B; 0]|_F / |[D; db]|_F``. (PEFT's ``lora_bias`` could hold it, but
-lora_jax's LoRA has no bias term, and serving engines rarely load one.)
+lora_jax's LoRA has no bias term and not every serving engine loads one.)
 
 Refused, before anything is written: a layer with kernel-batch axes (MoE experts,
 per-head kernels: no torch ``nn.Linear`` mirrors it), a stacked layer (one adapter for L

@@ -51,9 +51,9 @@ from jaxtyping import Array, Float
 
 from lora_jax import stacked
 from lora_jax.adapter import Adapter, Target, as_alpha
+from lora_jax.paths import iter_adapters
 from lora_jax.peft_format import PeftFormatError, export_peft
-from lora_jax.surgery import iter_adapters
-from lora_jax.variants import LoRAConfig
+from lora_jax.variants import LoRA, LoRAConfig
 
 __all__ = ["LoraApproximation", "delta_matrix", "save_as_lora", "save_as_lora_pair"]
 
@@ -235,7 +235,10 @@ def _approximate(
 def _lora(adapter: Adapter, path: str, a: np.ndarray, b: np.ndarray) -> Adapter:
     """A LoRA (scale 1) on the adapter's base layer holding the factors ``a``, ``b``."""
     k = a.shape[-1]
-    lora = LoRAConfig(r=k, lora_alpha=float(k)).build(Target(path, adapter.base, adapter.info, adapter.spec), seed=0)
+    config, target = LoRAConfig(r=k, lora_alpha=float(k)), Target(path, adapter.base, adapter.info, adapter.spec)
+    if adapter.info.kind == "einsum":
+        return LoRA(target, config, seed=0, factors=(jnp.asarray(a), jnp.asarray(b)))
+    lora = config.build(target, seed=0)  # conv / embed LoRAs draw their own init, replaced here
     lora.lora_a.value = jnp.asarray(a, lora.lora_a.dtype)
     lora.lora_b.value = jnp.asarray(b, lora.lora_b.dtype)
     return lora

@@ -31,7 +31,8 @@ lora_jax's LoRA has no bias term and not every serving engine loads one.)
 
 Refused, before anything is written: a layer with kernel-batch axes (MoE experts,
 per-head kernels: no torch ``nn.Linear`` mirrors it), a stacked layer (one adapter for L
-layers), a non-finite or per-row alpha, ``rank < 1``, ``max_error`` outside [0, 1).
+layers), a kernel that is not a dense float array (quantized: dequantize first), a
+non-finite or per-row alpha, ``rank < 1``, ``max_error`` outside [0, 1).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from lora_jax import stacked
-from lora_jax.adapter import Adapter, Target, as_alpha
+from lora_jax.adapter import Adapter, Target, as_alpha, layer_kernel
 from lora_jax.paths import iter_adapters
 from lora_jax.peft_format import PeftFormatError, export_peft
 from lora_jax.variants import LoRA, LoRAConfig
@@ -89,7 +90,7 @@ def _delta_svd(graphdef: nnx.GraphDef, state: nnx.State, alpha: Array) -> tuple[
     work.alpha.value = alpha
     target = Target("", work.base, work.info, work.spec)
     dtype = jnp.promote_types(work.dtype, jnp.float32)
-    kernel = target.kernel_matrix(dtype)
+    kernel = target.kernel_matrix(work.config.name, dtype)  # _check_layers checked it, naming the layer
     bias = None if target.bias is None else work.spec.bias_to_matrix(target.bias).astype(dtype)
     merged, merged_bias = work.merged(kernel, bias)
     delta = merged.astype(dtype) - kernel
@@ -143,6 +144,7 @@ def _check_layers(model: nnx.Module, hf_name: Callable[[str], str | None]) -> li
                 f"{path!r}: einsum {adapter.spec.equation!r} has kernel-batch axes {adapter.spec.batch_shape}, "
                 "which a torch nn.Linear cannot mirror; exclude the layer from the adapter"
             )
+        layer_kernel(adapter.base, adapter.info, variant=adapter.config.name, path=path, use="for save_as_lora")
         name = hf_name(path)
         if not name:
             raise PeftFormatError(f"hf_name({path!r}) gave {name!r}; every adapted layer needs a torch module name")

@@ -61,7 +61,10 @@ def same_name(path: str) -> str:
 def moved(config, *, bias: bool = False, rules: tuple[Rule, ...] = ()) -> nnx.Module:
     """The variant on every layer (or ``rules``) with its trainable weights moved off the identity."""
     rules = rules or (Rule(pattern="up|q|o", variant=config),)
-    model = apply_adapters(Net(bias), AdapterConfig(rules=rules, seed=3))
+    return nudged(apply_adapters(Net(bias), AdapterConfig(rules=rules, seed=3)))
+
+
+def nudged(model: nnx.Module) -> nnx.Module:
     leaves, treedef = jax.tree.flatten(nnx.state(model, AdapterParam))
     keys = jax.random.split(jax.random.key(4), len(leaves))
     moved = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
@@ -215,13 +218,13 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path):
 
 
 def test_conv_and_embed_layers_become_peft_conv_and_embedding_loras(tmp_path):
-    from test_lora_conv_embed import ConvEmbed, TorchConvEmbed, _lora, _nudge
+    from test_lora_conv_embed import ConvEmbed, TorchConvEmbed
 
     torch.manual_seed(0)
     torch_base = TorchConvEmbed()
     ids = np.random.default_rng(0).integers(0, 11, (2, 7))
-    ours = apply_adapters(ConvEmbed(torch_base), _lora(pattern="conv|embed", r=2, lora_alpha=6))
-    _nudge(ours)
+    rules = (Rule(pattern="conv|embed", variant=LoRAConfig(r=2, lora_alpha=6)),)
+    ours = nudged(apply_adapters(ConvEmbed(torch_base), AdapterConfig(rules=rules)))
     report = save_as_lora(tmp_path, ours, hf_name=same_name, rank=100)  # clamped to each layer's full rank
     assert report.ranks == {"conv": 5, "embed": 4} and report.max_error <= 1e-5
     loaded = peft.PeftModel.from_pretrained(torch_base, str(tmp_path)).eval()

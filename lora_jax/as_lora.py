@@ -177,17 +177,22 @@ def save_as_lora(
 
 
 def save_as_lora_pair(
-    path: str | Path, model: nnx.Module, *, hf_name: Callable[[str], str | None], alpha: float = 1.0, **options: Any
+    path: str | Path,
+    model: nnx.Module,
+    *,
+    hf_name: Callable[[str], str | None],
+    alpha: float = 1.0,
+    rank: int | None = None,
+    max_error: float | None = None,
+    bias: str = "refuse",
 ) -> dict[float, LoraApproximation]:
     """The steering pair: ``path/plus`` at ``+alpha`` and ``path/minus`` at ``-alpha``
     (:func:`save_as_lora` each, same options), both computed before either is written.
     For AntiPaSTO, whose -1 undoes +1 by an inverse rotation rather than a negated delta,
     the two files differ beyond a sign."""
-    unknown = set(options) - {"rank", "max_error", "bias"}
-    if unknown:
-        raise TypeError(f"save_as_lora_pair: unexpected options {sorted(unknown)}; it takes rank, max_error, bias")
-    rank, max_error, bias = options.get("rank"), options.get("max_error"), options.get("bias", "refuse")
     alpha = _check(alpha, rank, max_error, bias)
+    if alpha == 0:
+        raise ValueError("save_as_lora_pair: alpha=0 is the base model on both sides; pass the steering strength")
     pair = {a: _approximate(model, hf_name, a, rank, max_error, bias) for a in (alpha, -alpha)}
     return {a: _write(Path(path) / sub, pair[a]) for a, sub in ((alpha, "plus"), (-alpha, "minus"))}
 

@@ -205,6 +205,8 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path):
         save_as_lora(out, model, hf_name=lambda p: None if p == "o" else p, rank=2)
     with pytest.raises(ValueError, match=r"save_as_lora: alpha must be finite"):
         save_as_lora_pair(out, model, hf_name=same_name, alpha=float("inf"), rank=2)
+    with pytest.raises(ValueError, match=r"save_as_lora_pair: alpha=0 is the base model on both sides"):
+        save_as_lora_pair(out, model, hf_name=same_name, alpha=0.0, rank=2)
 
     class Experts(nnx.Module):
         def __init__(self):

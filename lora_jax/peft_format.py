@@ -21,9 +21,11 @@ Each variant plugs in by declaring one :class:`~lora_jax.peft_codec.PeftCodec` a
 config's ``peft_codec`` (``CODECS`` lists them by variant name): its PEFT type, the
 config flags that identify it on import (``use_dora``), which config entries PEFT allows
 per layer (``rank_pattern``), and two functions between an adapter and its tensors. This
-module names no variant. Today: LoRA; DoRA; IA3 and IA3-FF (``feedforward_modules``); EVA
-exports as its LoRA, PiSSA and OLoRA as the equivalent rank-2r LoRA (as PEFT saves
-them); those three import as LoRA.
+module names no variant. Today: LoRA; DoRA; IA3 and IA3-FF (``feedforward_modules``);
+DeLoRA, HRA and ROAD (PEFT's DELORA, HRA, ROAD files); EVA exports as its LoRA, PiSSA and
+OLoRA as the equivalent rank-2r LoRA (as PEFT saves them); those three import as LoRA.
+Any adapter, AntiPaSTO included, can also be written as a plain LoRA by
+:func:`lora_jax.as_lora.save_as_lora` (SVD-truncated delta).
 
 Import checks what PEFT itself would refuse (a per-layer ``r`` that is not the tensors'
 rank, a ``peft_type`` no codec reads) and names the file. ``lora_dropout`` acts in

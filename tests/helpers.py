@@ -55,7 +55,7 @@ def check_to_lora(variant: lj.VariantConfig, layout) -> None:
     model = adapt(layer, variant)
     perturb(model, 0.3, seed=1)
     lj.set_alpha(model, 0.6)
-    lora = lj.to_lora(model.layer)
+    lora = lj.variants.to_lora(model.layer)
     assert lora.lora_a.shape[-1] == 2 * variant.r
     assert rel_err(lora(x), model(x)) < 1e-5
     kernel = model.layer.spec.kernel_to_matrix(layer.kernel[...])

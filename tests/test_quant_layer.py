@@ -117,7 +117,8 @@ def test_training_over_quantized_base_moves_only_adapters(name):
 
     @nnx.jit
     def step(m, opt):
-        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - target) ** 2), argnums=nnx.DiffState(0, lj.AdapterParam))(m)
+        loss_fn = lambda m: jnp.mean((m(x) - target) ** 2)
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, lj.AdapterParam))(m)
         opt.update(m, grads)
         return loss
 
@@ -126,7 +127,8 @@ def test_training_over_quantized_base_moves_only_adapters(name):
         loss = step(model, optimizer)
     assert float(loss) < case.toy_loss_ratio * first, (first, float(loss))
     frozen_after = jax.tree.map(np.asarray, nnx.state(model, nnx.Not(lj.AdapterParam)))
-    for (path, before), after in zip(jax.tree.leaves_with_path(frozen_before), jax.tree.leaves(frozen_after), strict=True):
+    pairs = zip(jax.tree.leaves_with_path(frozen_before), jax.tree.leaves(frozen_after), strict=True)
+    for (path, before), after in pairs:
         np.testing.assert_array_equal(before, after, err_msg=jax.tree_util.keystr(path))
     assert jax.tree.leaves(_storage(model)), "the quantized storage is frozen state of the model"
 

@@ -17,7 +17,9 @@ def _cfg(r=4):
     return lj.AdapterConfig(rules=(lj.Rule(pattern=".", variant=lj.LoRAConfig(r=r, lora_alpha=2 * r)),))
 
 
-@pytest.mark.parametrize("fmt", [quant.NF4(group_size=4), quant.Int4(group_size=4, symmetric=True)], ids=["nf4", "int4"])
+@pytest.mark.parametrize(
+    "fmt", [quant.NF4(group_size=4), quant.Int4(group_size=4, symmetric=True)], ids=["nf4", "int4"]
+)
 def test_loftq_init_is_closer_to_the_float_model_than_plain_quantization(fmt):
     x = jax.random.normal(jax.random.key(1), (4, 3, 12))
     model = MLP(nnx.Rngs(0))

@@ -4,7 +4,6 @@ entry, reported) or kept in float (exact)."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

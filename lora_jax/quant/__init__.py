@@ -2,6 +2,7 @@
 merging into it, LoftQ init. See :mod:`lora_jax.quant.layer`."""
 
 from lora_jax.quant.formats import NF4, Int4, Int8, QuantFormat, Quantized, quantization_error
+from lora_jax.quant.gguf_q4 import Q4_1_FORMAT, load_gguf_quantized
 from lora_jax.quant.layer import (
     DequantizedKernel,
     QuantizedLayer,
@@ -19,6 +20,7 @@ __all__ = [
     "DequantizedKernel",
     "Int4",
     "Int8",
+    "Q4_1_FORMAT",
     "LoftQReport",
     "MergeReport",
     "QuantFormat",
@@ -27,6 +29,7 @@ __all__ = [
     "QuantizedWeight",
     "dequantize",
     "kernel_bytes",
+    "load_gguf_quantized",
     "loftq",
     "merge_quantized",
     "quantization_error",

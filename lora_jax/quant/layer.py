@@ -265,7 +265,8 @@ def quantize(model: M, fmt: QuantFormat, *, pattern: str = ".", exclude: tuple[s
 
 def quantized_layers(model: nnx.Module) -> list[tuple[str, QuantizedLayer]]:
     """``(dotted path, layer)`` of every quantized layer, also the bases inside adapters."""
-    return [(".".join(str(p) for p in parts), m) for parts, m in nnx.iter_modules(model) if isinstance(m, QuantizedLayer)]
+    found = nnx.iter_modules(model)
+    return [(".".join(str(p) for p in parts), m) for parts, m in found if isinstance(m, QuantizedLayer)]
 
 
 def dequantize(model: M) -> M:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lora_jax import AdapterConfig, AdapterParam, AntiPaSTOConfig, Rule, apply_adapters, iter_adapters
-from lora_jax.cayley import block_diag, bound_skew, cayley, skew_from_params
+from lora_jax.variants.antipasto_cayley import block_diag, bound_skew, cayley, skew_from_params
 
 
 class Host(nnx.Module):

@@ -45,6 +45,7 @@ from lora_jax.variants import (
     ROADConfig,
     RotationParam,
     hra_orthogonality_penalty,
+    register_variant,
     to_lora,
 )
 from lora_jax.views import EinsumSpec, UnsupportedLayerError, ViewInfo, register_view, view_of
@@ -96,6 +97,7 @@ __all__ = [
     "eva_plan",
     "find_targets",
     "hra_orthogonality_penalty",
+    "register_variant",
     "iter_adapters",
     "merge_adapters",
     "moments_init",

@@ -19,8 +19,8 @@ import abc
 import dataclasses
 import inspect
 import zlib
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,11 @@ from flax import nnx
 from jaxtyping import Array, ArrayLike, Float
 
 from lora_jax import projections, shardings
-from lora_jax.views import EinsumSpec, ViewInfo
+from lora_jax.einsum_spec import EinsumSpec
+from lora_jax.views import ViewInfo
+
+if TYPE_CHECKING:
+    from lora_jax.peft_codec import PeftCodec
 
 __all__ = [
     "ADAPTER_VARIABLES",
@@ -128,6 +132,8 @@ class VariantConfig(abc.ABC):
     # The layer kinds (views.ViewInfo.kind) this variant's math is written for; a rule
     # that gives it a layer of another kind is refused by name before anything is built.
     layer_kinds: ClassVar[frozenset[str]] = frozenset({"einsum"})
+    # How PEFT's adapter files hold this variant (lora_jax.peft_format); None: they cannot.
+    peft_codec: ClassVar[PeftCodec | None] = None
     dtype: str = "float32"
     custom_vjp: bool = True
 
@@ -272,6 +278,16 @@ class Adapter(nnx.Module):
         self, kernel: Float[Array, "*batch d_in d_out"], bias: Float[Array, "*batch d_out"] | None
     ) -> tuple[Array, Array | None]:
         """The dense kernel (and bias) equal to this adapter at its current scalar alpha."""
+
+    # Whether transforms.cat can join adapters of this type into one (see concatenate).
+    concatenable: ClassVar[bool] = False
+
+    def concatenate(self, group: Sequence[Adapter], weights: Sequence[ArrayLike]) -> None:
+        """Become, in place, one adapter whose delta is ``sum_i weights[i] * delta_i``, each
+        delta at its adapter's current scalar alpha (``group[0]`` is this adapter; all of
+        ``group`` sit on the same layer). Variants that set ``concatenable`` implement it;
+        the config (e.g. its rank) may change with the arrays."""
+        raise NotImplementedError(f"{type(self).__name__} adapters have no concatenation rule")
 
     # -- helpers shared by variants ----------------------------------------------------
     def project_in(self, x: Array, matrix: Float[Array, "*batch d_in k"]) -> Array:

@@ -70,7 +70,10 @@ def _variant_from_dict(data: Mapping[str, Any]) -> VariantConfig:
     data = dict(data)
     name = data.pop("variant", None)
     if name not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; known variants: {', '.join(sorted(VARIANTS))}")
+        raise ValueError(
+            f"unknown variant {name!r}; known variants: {', '.join(sorted(VARIANTS))}. A variant defined "
+            "outside lora_jax must be registered first: lora_jax.register_variant(ItsConfig)"
+        )
     return VARIANTS[name](**_fields(VARIANTS[name], data, f"option(s) for variant {name!r}:"))
 
 

@@ -1,7 +1,7 @@
 """Layers that are linear maps of something other than their input: ``nnx.Conv`` and ``nnx.Embed``.
 
 Both still have a matrix view of their kernel, so merge, transforms and checkpoints
-treat them like any einsum layer (:mod:`lora_jax.views`); only the forward differs:
+treat them like any einsum layer (:mod:`lora_jax.einsum_spec`); only the forward differs:
 
 - ``nnx.Conv``, kernel ``(*window, c_in, c_out)``: the einsum of the kernel with every
   input patch, ``...wi,wio->...o``; the matrix is ``(prod(window) * c_in, c_out)``. A

@@ -17,12 +17,13 @@ are rejected. LoRA on an ``nnx.Conv`` is written as PEFT's Conv LoRA (``lora_A.w
 its Embedding LoRA (``lora_embedding_A`` ``(r, vocab)``, ``lora_embedding_B``
 ``(features, r)``).
 
-Each variant plugs in with one :class:`PeftCodec` in ``CODECS`` (keyed by variant name):
-its PEFT type, the config flags that identify it on import (``use_dora``), which config
-entries PEFT allows per layer (``rank_pattern``), and two functions between an adapter
-and its tensors. Rows: LoRA; DoRA; IA3 and IA3-FF (``feedforward_modules``); EVA exports
-as its LoRA, PiSSA and OLoRA as the equivalent rank-2r LoRA (as PEFT saves them); those
-three import as LoRA. A row whose variant is not in ``VARIANTS`` is ignored.
+Each variant plugs in by declaring one :class:`~lora_jax.peft_codec.PeftCodec` as its
+config's ``peft_codec`` (``CODECS`` lists them by variant name): its PEFT type, the
+config flags that identify it on import (``use_dora``), which config entries PEFT allows
+per layer (``rank_pattern``), and two functions between an adapter and its tensors. This
+module names no variant. Today: LoRA; DoRA; IA3 and IA3-FF (``feedforward_modules``); EVA
+exports as its LoRA, PiSSA and OLoRA as the equivalent rank-2r LoRA (as PEFT saves
+them); those three import as LoRA.
 
 Import checks what PEFT itself would refuse (a per-layer ``r`` that is not the tensors'
 rank, a ``peft_type`` no codec reads) and names the file. ``lora_dropout`` acts in
@@ -33,21 +34,19 @@ its config, DoRA (whose lora_jax form has no dropout) imports without it.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lora_jax.adapter import Adapter, VariantConfig
 from lora_jax.config import AdapterConfig, Rule
 from lora_jax.layer_kinds import describe
+from lora_jax.peft_codec import PeftCodec, PeftFormatError
 from lora_jax.surgery import apply_adapters, iter_adapters
 from lora_jax.variants import VARIANTS
 
@@ -58,156 +57,29 @@ PREFIX = "base_model.model."
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 
-class PeftFormatError(ValueError):
-    """An adapter that PEFT's format cannot hold, or PEFT files that do not fit the model."""
+class _Codecs(Mapping[str, PeftCodec]):
+    """``{variant name: PeftCodec}`` of the known variants (``VARIANTS``, including those
+    added by ``register_variant``) that declare one; read afresh on every access."""
+
+    def _live(self) -> dict[str, PeftCodec]:
+        return {name: cls.peft_codec for name, cls in VARIANTS.items() if cls.peft_codec is not None}
+
+    def __getitem__(self, name: str) -> PeftCodec:
+        return self._live()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._live())
+
+    def __len__(self) -> int:
+        return len(self._live())
 
 
-@dataclasses.dataclass(frozen=True)
-class PeftCodec:
-    """How one variant is written in PEFT's format.
-
-    ``to_peft(adapter) -> (layer config entries, {tensor suffix: array})``;
-    ``from_peft(layer config, {suffix: array}) -> (variant config, {attribute: array})``
-    where the layer config is the PEFT config with per-layer patterns already resolved;
-    ``from_peft=None`` for an export-only conversion (PiSSA is written as LoRA).
-    ``member_of`` names the PEFT config list that marks this codec's layers (IA3's
-    ``feedforward_modules``). ``folds_alpha``: the codec writes the delta at the current
-    alpha; otherwise export needs alpha = 1, since PEFT has no alpha. ``alt_suffixes``:
-    the tensor set a layer may have instead (LoRA on an embedding: ``lora_embedding_A`` /
-    ``lora_embedding_B``).
-    """
-
-    peft_type: str
-    flags: Mapping[str, Any]  # config entries that select this codec on import
-    patterns: Mapping[str, str]  # per-layer config entry -> PEFT's pattern dict for it
-    suffixes: tuple[str, ...]
-    to_peft: Callable[[Adapter], tuple[dict[str, Any], dict[str, np.ndarray]]]
-    from_peft: Callable[[Mapping[str, Any], Mapping[str, np.ndarray]], tuple[VariantConfig, dict]] | None
-    member_of: str | None = None
-    folds_alpha: bool = False
-    alt_suffixes: tuple[str, ...] = ()
-
-
-def _numpy(x: Any) -> np.ndarray:
-    x = jnp.asarray(x)
-    return np.asarray(x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x)  # numpy has no bfloat16
-
-
-def _lora_entries(cfg: Any) -> dict[str, Any]:
-    dropout = getattr(cfg, "dropout", 0.0)  # not every low-rank variant has dropout
-    return {"r": cfg.r, "lora_alpha": cfg.lora_alpha, "use_rslora": cfg.rslora, "lora_dropout": dropout}
-
-
-def _lora_to_peft(adapter: Adapter) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    # The delta is linear in alpha, so alpha goes into B.
-    a, b = _numpy(adapter.lora_a[...]), _numpy(adapter.lora_b[...] * adapter.scalar_alpha())
-    kind, shape = adapter.info.kind, adapter.spec.kernel_shape
-    if kind == "embed":  # PEFT's Embedding LoRA: lora_embedding_A (r, vocab), lora_embedding_B (features, r)
-        return _lora_entries(adapter.config), {"lora_embedding_A": a.T, "lora_embedding_B": b.T}
-    if kind == "conv":  # torch conv weights: A (r, c_in, *window), B a 1x1 conv (c_out, r, 1, ...)
-        a = np.moveaxis(a.reshape(*shape[:-1], a.shape[-1]), (-1, -2), (0, 1))
-        b = b.T.reshape(*b.T.shape, *(1,) * (len(shape) - 2))
-        return _lora_entries(adapter.config), {"lora_A.weight": a, "lora_B.weight": b}
-    return _lora_entries(adapter.config), {"lora_A.weight": a.T, "lora_B.weight": b.T}
-
-
-def _pissa_to_peft(adapter: Adapter) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    from lora_jax.variants.pissa import to_lora  # PEFT too saves PiSSA / OLoRA as a rank-2r LoRA
-
-    return _lora_to_peft(to_lora(adapter))
-
-
-def _low_rank(variant: str, cfg: Mapping[str, Any], a: np.ndarray, *, keep_dropout: bool) -> VariantConfig:
-    """The low-rank config of one layer; ``a`` is A ``(d_in, r)``. ``keep_dropout=False``
-    drops ``lora_dropout`` (train-time only, so the imported adapter computes the same)."""
-    cls = VARIANTS[variant]
-    rank = a.shape[1]
-    if "r" in cfg and cfg["r"] != rank:
-        raise PeftFormatError(
-            f"adapter_config.json gives r={cfg['r']!r} (after rank_pattern) but lora_A.weight has rank {rank} "
-            f"(shape {a.T.shape}); PEFT refuses this too. Fix r or rank_pattern in adapter_config.json"
-        )
-    options = {"r": rank, "lora_alpha": float(cfg["lora_alpha"]), "rslora": bool(cfg.get("use_rslora", False))}
-    dropout = float(cfg.get("lora_dropout") or 0.0)
-    if dropout and keep_dropout and "dropout" in {f.name for f in dataclasses.fields(cls)}:
-        options["dropout"] = dropout
-    return cls(**options)
-
-
-def _lora_from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[VariantConfig, dict]:
-    if "lora_embedding_A" in tensors:
-        a, b = tensors["lora_embedding_A"].T, tensors["lora_embedding_B"].T
-    else:  # a conv's (r, c_in, *window) / (c_out, r, 1, ...) become the (d_in, r) / (r, c_out) matrices
-        a, b = tensors["lora_A.weight"], tensors["lora_B.weight"]
-        a = np.moveaxis(a, (0, 1), (-1, -2)).reshape(-1, a.shape[0]) if a.ndim > 2 else a.T
-        b = b.reshape(b.shape[:2]).T
-    # An embedding's input is ids, which PEFT's dropout never touches: dropped there.
-    keep_dropout = "lora_embedding_A" not in tensors
-    return _low_rank("lora", cfg, a, keep_dropout=keep_dropout), {"lora_a": a, "lora_b": b}
-
-
-def _dora_to_peft(adapter: Adapter) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    a, b, m = (_numpy(v[...]) for v in (adapter.lora_a, adapter.lora_b, adapter.magnitude))
-    return _lora_entries(adapter.config), {"lora_A.weight": a.T, "lora_B.weight": b.T, "lora_magnitude_vector": m}
-
-
-def _dora_from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[VariantConfig, dict]:
-    a, b = tensors["lora_A.weight"].T, tensors["lora_B.weight"].T
-    # lora_jax's DoRA has no dropout; without it the adapter computes what PEFT's does at inference
-    arrays = {"lora_a": a, "lora_b": b, "magnitude": tensors["lora_magnitude_vector"]}
-    return _low_rank("dora", cfg, a, keep_dropout=False), arrays
-
-
-def _ia3_codec(variant: str, shape: Callable[[int], tuple[int, int]], member_of: str | None) -> PeftCodec:
-    """PEFT stores IA3's gate as (d_out, 1) and the feed-forward (input) gate as (1, d_in)."""
-
-    def to_peft(adapter: Adapter) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        gate = _numpy(adapter.ia3_l[...])
-        return {}, {"ia3_l": gate.reshape(shape(gate.shape[-1]))}
-
-    def from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[VariantConfig, dict]:
-        return VARIANTS[variant](), {"ia3_l": tensors["ia3_l"].reshape(-1)}
-
-    return PeftCodec("IA3", {}, {}, ("ia3_l",), to_peft, from_peft, member_of=member_of)
-
-
-_LORA = {"peft_type": "LORA", "patterns": {"r": "rank_pattern", "lora_alpha": "alpha_pattern"}}
-_LORA_AB = ("lora_A.weight", "lora_B.weight")
-# Rows for variants this build lacks are ignored (see _codecs).
-CODECS: dict[str, PeftCodec] = {
-    "lora": PeftCodec(
-        **_LORA,
-        flags={"use_dora": False},
-        suffixes=_LORA_AB,
-        to_peft=_lora_to_peft,
-        from_peft=_lora_from_peft,
-        folds_alpha=True,
-        alt_suffixes=("lora_embedding_A", "lora_embedding_B"),
-    ),
-    # EVA is LoRA with a data-driven init; PEFT saves it as a LoRA too.
-    "eva": PeftCodec(
-        **_LORA, flags={"use_dora": False}, suffixes=_LORA_AB, to_peft=_lora_to_peft, from_peft=None, folds_alpha=True
-    ),
-    "pissa": PeftCodec(
-        **_LORA, flags={"use_dora": False}, suffixes=_LORA_AB, to_peft=_pissa_to_peft, from_peft=None, folds_alpha=True
-    ),
-    "olora": PeftCodec(
-        **_LORA, flags={"use_dora": False}, suffixes=_LORA_AB, to_peft=_pissa_to_peft, from_peft=None, folds_alpha=True
-    ),
-    "dora": PeftCodec(
-        **_LORA,
-        flags={"use_dora": True},
-        suffixes=(*_LORA_AB, "lora_magnitude_vector"),
-        to_peft=_dora_to_peft,
-        from_peft=_dora_from_peft,
-    ),
-    "ia3": _ia3_codec("ia3", lambda d: (d, 1), None),
-    "ia3_ff": _ia3_codec("ia3_ff", lambda d: (1, d), "feedforward_modules"),
-}
+# Each variant declares its codec (VariantConfig.peft_codec); this is the view over them.
+CODECS: Mapping[str, PeftCodec] = _Codecs()
 
 
 def _codecs() -> dict[str, PeftCodec]:
-    return {name: codec for name, codec in CODECS.items() if name in VARIANTS}
+    return dict(CODECS)
 
 
 # Options PEFT can save that would change the model in ways these codecs do not carry.

@@ -1,7 +1,7 @@
 """Activations through adapter factor matrices, with a backward pass chosen for the dots.
 
 Every adapter product is one einsum of an activation with a small factor matrix, in the
-layer's own layout (:class:`lora_jax.views.EinsumSpec`):
+layer's own layout (:class:`lora_jax.einsum_spec.EinsumSpec`):
 
 - :func:`project_in`   ``x @ A``    (input layout -> rank space, ``A (*batch, d_in, k)``)
 - :func:`project_out`  ``h @ B``    (rank space -> output layout, ``B (*batch, k, d_out)``)
@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from lora_jax import shardings
-from lora_jax.views import EinsumSpec
+from lora_jax.einsum_spec import EinsumSpec
 
 __all__ = ["project_back", "project_in", "project_out"]
 

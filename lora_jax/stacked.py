@@ -49,8 +49,9 @@ from flax import nnx
 from jaxtyping import Array, Float
 
 from lora_jax.adapter import Adapter, AdapterState, Target, VariantConfig
+from lora_jax.einsum_spec import EinsumSpec, UnsupportedLayerError
 from lora_jax.ragged import build_adapter
-from lora_jax.views import EinsumSpec, UnsupportedLayerError, ViewInfo
+from lora_jax.views import ViewInfo
 
 __all__ = ["LayerMask", "StackedTarget", "stack_depth", "stacked_target", "build", "alpha_value", "merged_arrays"]
 

@@ -15,7 +15,6 @@ Every function accepts a full state or one holding only adapter leaves.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,7 +26,6 @@ from jaxtyping import Array, ArrayLike
 from lora_jax.adapter import ADAPTER_VARIABLES, AdapterParam, AdapterState, Alpha, as_alpha
 from lora_jax.stacked import LayerMask, alpha_value
 from lora_jax.surgery import NoMatchError, iter_adapters, merge_adapters
-from lora_jax.variants.lora import LoRA
 
 __all__ = ["adapter_state", "cast", "cat", "combine", "merge", "negate", "scale", "set_alpha"]
 
@@ -155,14 +153,15 @@ def merge(graphdef: nnx.GraphDef, *states: nnx.State) -> tuple[nnx.GraphDef, nnx
 def cat(
     models: Sequence[tuple[nnx.GraphDef, nnx.State]], weights: Sequence[ArrayLike]
 ) -> tuple[nnx.GraphDef, nnx.State]:
-    """PEFT's ``cat`` combination: one LoRA of rank ``sum r_i`` whose delta is exactly
+    """PEFT's ``cat`` combination: one adapter per path whose delta is exactly
     ``sum_i weights[i] * alpha_i * delta_i`` (each delta at its current scalar alpha).
 
-    ``models`` are ``(graphdef, state)`` pairs on the same base with LoRA adapters at
-    the same paths. The rank changes, so the result comes with its own graphdef (the
-    first model's, each adapter's config set to ``r = sum r_i, lora_alpha = r`` so its
-    scale is 1, and alpha 1). Under ``jax.jit`` return the state and take the graphdef
-    from an eager call, as for :func:`merge`.
+    ``models`` are ``(graphdef, state)`` pairs on the same base with adapters at the same
+    paths, of variants that have a concatenation rule (``Adapter.concatenable``; for
+    LoRA: one LoRA of rank ``sum r_i``, config ``lora_alpha = r`` so its scale is 1, and
+    alpha 1). The shapes change, so the result comes with its own graphdef (the first
+    model's, rewritten). Under ``jax.jit`` return the state and take the graphdef from an
+    eager call, as for :func:`merge`.
     """
     if len(models) == 0 or len(models) != len(weights):
         raise ValueError(f"cat needs one weight per model, got {len(models)} models and {len(weights)} weights")
@@ -171,21 +170,14 @@ def cat(
     for i, other in enumerate(adapters[1:], start=1):
         if set(other) != set(adapters[0]):
             raise ValueError(f"cat: model {i} has adapters at other paths: {sorted(set(other) ^ set(adapters[0]))}")
-    not_lora = sorted(
-        f"{p} ({type(a).__name__})" for found in adapters for p, a in found.items() if not isinstance(a, LoRA)
+    no_rule = sorted(
+        f"{p} ({type(a).__name__})" for found in adapters for p, a in found.items() if not type(a).concatenable
     )
-    if not_lora:
-        raise ValueError(f"cat concatenates LoRA ranks; these adapters are not LoRA: {not_lora}")
-    for path, target in adapters[0].items():
-        group = [found[path] for found in adapters]
-        coefs = [
-            jnp.asarray(w, a.dtype) * a.scalar_alpha() * a.config.scale for w, a in zip(weights, group, strict=True)
-        ]
-        rank = sum(a.config.r for a in group)
-        target.lora_a = AdapterParam(
-            jnp.concatenate([c * a.lora_a[...] for c, a in zip(coefs, group, strict=True)], -1)
+    if no_rule:
+        raise ValueError(
+            f"cat concatenates adapter ranks, which these adapters' variants have no rule for (LoRA and EVA "
+            f"have one): {no_rule}"
         )
-        target.lora_b = AdapterParam(jnp.concatenate([a.lora_b[...] for a in group], -2))
-        target.config = dataclasses.replace(target.config, r=rank, lora_alpha=float(rank), rslora=False)
-        target.alpha = Alpha(jnp.ones((), jnp.float32))
+    for path, target in adapters[0].items():
+        target.concatenate([found[path] for found in adapters], weights)
     return nnx.split(merged[0])

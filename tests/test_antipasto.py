@@ -24,7 +24,7 @@ from lora_jax import (
     merge_adapters,
     set_alpha,
 )
-from lora_jax.cayley import (
+from lora_jax.variants.antipasto_cayley import (
     angle_limit,
     block_diag,
     bound_skew,

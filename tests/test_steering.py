@@ -1,5 +1,10 @@
 """Sweeps compile once and match separate calls; sweep metrics match hand computation."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +15,7 @@ from lora_jax import AdapterConfig, LoRAConfig, NoMatchError, Rule, apply_adapte
 from lora_jax.steering import format_table, plot_sweep, sweep, sweep_figure, sweep_metrics
 
 ALPHAS = jnp.linspace(-2.0, 2.0, 16)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 class Tiny(nnx.Module):
@@ -210,3 +216,35 @@ def test_sweep_modes_agree_on_qwen3_with_antipasto():
     np.testing.assert_allclose(by_vmap, jnp.stack(separate), rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(by_rows, jnp.stack(separate), rtol=1e-4, atol=1e-4)
     assert np.abs(separate[0] - separate[1]).max() > 1e-2  # the adapters do something
+
+
+def _hide_matplotlib(monkeypatch):
+    """Make every ``import matplotlib...`` fail, as if the ``plot`` extra were not installed."""
+    for name in [n for n in sys.modules if n == "matplotlib" or n.startswith("matplotlib.")] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
+def test_plot_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
+    logprobs = np.stack([_two_way(p) for p in (0.3, 0.5, 0.7)])
+    m = sweep_metrics([-1.0, 0.0, 1.0], [-1.0, 0.0, 1.5], logprobs)
+    _hide_matplotlib(monkeypatch)
+    with pytest.raises(ImportError, match=r"pip install lora_jax\[plot\]"):
+        sweep_figure(m)
+    with pytest.raises(ImportError, match=r"pip install lora_jax\[plot\]"):
+        plot_sweep(m, str(tmp_path / "sweep.png"))
+    assert not (tmp_path / "sweep.png").exists()
+
+
+def test_sweeps_and_metrics_need_no_matplotlib():
+    """A fresh interpreter where matplotlib cannot be imported still sweeps and measures."""
+    code = (
+        "import sys; sys.modules['matplotlib'] = None\n"
+        "import jax.numpy as jnp, numpy as np\n"
+        "from lora_jax.steering import format_table, sweep, sweep_metrics\n"
+        "m = sweep_metrics([-1.0, 0.0, 1.0], [-1.0, 0.0, 1.0], np.zeros((3, 2)))\n"
+        "print(format_table(m).splitlines()[0])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("| alpha | effect |")

@@ -10,7 +10,8 @@ from flax import nnx
 from layers import LAYOUT_IDS, LAYOUTS
 
 import lora_jax as lj
-from lora_jax.views import EinsumSpec, spec_of
+from lora_jax.einsum_spec import EinsumSpec
+from lora_jax.views import spec_of
 
 
 def _spec(layer):

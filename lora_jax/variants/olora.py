@@ -24,7 +24,7 @@ from lora_jax.adapter import Target
 from lora_jax.linalg import lq
 from lora_jax.variants._checks import check_rank, dense_kernel
 from lora_jax.variants._lowrank import LowRankConfig
-from lora_jax.variants.pissa import PiSSA
+from lora_jax.variants.pissa import RESIDUAL_PEFT_CODEC, PiSSA
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -32,6 +32,7 @@ class OLoRAConfig(LowRankConfig):
     """``r``, ``lora_alpha``, ``rslora``, ``dropout`` as in LoRA."""
 
     name = "olora"
+    peft_codec = RESIDUAL_PEFT_CODEC
 
     def build(self, target: Target, *, seed: int) -> OLoRA:
         check_rank(self.name, self.r, target)

@@ -25,17 +25,31 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
 from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Target
 from lora_jax.linalg import randomized_svd, top_r_svd
+from lora_jax.peft_codec import PeftCodec
 from lora_jax.variants._checks import check_oversample, check_rank, dense_kernel
-from lora_jax.variants._lowrank import LowRankConfig
-from lora_jax.variants.lora import LoRA, LoRAConfig
+from lora_jax.variants._lowrank import LORA_AB, LORA_PEFT, LowRankConfig
+from lora_jax.variants.lora import LoRA, LoRAConfig, lora_to_peft
+
+
+def residual_to_peft(adapter: PiSSA) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """PEFT too saves PiSSA / OLoRA as the equivalent rank-2r LoRA (:func:`to_lora`)."""
+    return lora_to_peft(to_lora(adapter))
+
+
+# Export only: a rank-2r LoRA file imports as LoRA.
+RESIDUAL_PEFT_CODEC = PeftCodec(
+    **LORA_PEFT, flags={"use_dora": False}, suffixes=LORA_AB, to_peft=residual_to_peft, from_peft=None, folds_alpha=True
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,6 +59,7 @@ class PiSSAConfig(LowRankConfig):
     ``r + oversample`` sketch columns (:func:`lora_jax.linalg.randomized_svd`)."""
 
     name = "pissa"
+    peft_codec = RESIDUAL_PEFT_CODEC
     niter: int | None = None
     oversample: int = 8
 

@@ -1,4 +1,4 @@
-"""Block-diagonal Cayley rotations. Pure jax, no nnx.
+"""Block-diagonal Cayley rotations, AntiPaSTO's rotation math. Pure jax, no nnx.
 
 A rotation of ``r`` dims is ``r / bs`` independent ``bs x bs`` blocks. Each block is the
 Cayley transform of a skew matrix ``A`` built from its ``bs (bs - 1) / 2`` upper-triangle

@@ -51,10 +51,8 @@ def step_fn(model: nnx.Module, wrt, loss_fn, batch: tuple) -> tuple[callable, di
 
     jitted = jax.jit(step, donate_argnums=(0, 1))
     mem = jitted.lower(carry["params"], carry["opt"], rest, *batch).compile().memory_analysis()
-    sizes = {
-        "args": mem.argument_size_in_bytes,
-        "peak": mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes,
-    }
+    args = mem.argument_size_in_bytes
+    sizes = {"args": args, "peak": args + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes}
 
     def run():
         carry["params"], carry["opt"], loss = jitted(carry["params"], carry["opt"], rest, *batch)
@@ -74,7 +72,10 @@ def stack_models(layers: int) -> dict[str, tuple[nnx.Module, type]]:
         "LoRA, fp32 base": (lora(f32), lj.AdapterParam),
         "LoRA, bf16 base": (lora(bf16), lj.AdapterParam),
         "LoRA, int8 base": (lora(quant.quantize(f32, quant.Int8(), pattern=qs.PROJECTIONS)), lj.AdapterParam),
-        "LoRA, int4 base (Q4_1 groups)": (lora(quant.quantize(f32, quant.Int4(), pattern=qs.PROJECTIONS)), lj.AdapterParam),
+        "LoRA, int4 base (Q4_1 groups)": (
+            lora(quant.quantize(f32, quant.Int4(), pattern=qs.PROJECTIONS)),
+            lj.AdapterParam,
+        ),
         "LoRA, nf4 base": (lora(quant.quantize(f32, quant.NF4(), pattern=qs.PROJECTIONS)), lj.AdapterParam),
         "full fine-tune, fp32": (f32, nnx.Param),
         "full fine-tune, bf16": (bf16, nnx.Param),

@@ -38,9 +38,9 @@ from flax import nnx
 from jaxtyping import Array
 
 from lora_jax.adapter import Adapter
+from lora_jax.einsum_spec import EinsumSpec
 from lora_jax.layer_kinds import describe
 from lora_jax.quant.formats import QuantFormat, Quantized
-from lora_jax.einsum_spec import EinsumSpec
 from lora_jax.views import ViewInfo, register_view
 
 __all__ = ["DequantizedKernel", "QuantizedLayer", "QuantizedWeight", "dequantize", "quantize", "quantized_layers"]

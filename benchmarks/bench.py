@@ -200,9 +200,9 @@ def bench_svd_init(base: nnx.Module, results: dict) -> list[Row]:
     settings = {"niter=4": {"niter": 4}, "niter=8 oversample=32": {"niter": 8, "oversample": 32}}
     inits = {"pissa full": lj.PiSSAConfig(r=RANK), "antipasto full": lj.AntiPaSTOConfig(r=64, block_size=4)}
     for name, opts in settings.items():
-        inits[f"pissa {name}"] = lj.PiSSAConfig(r=RANK, **opts)
-        anti = {"svd_iters": opts["niter"], "svd_oversample": opts.get("oversample", 8)}
-        inits[f"antipasto {name}"] = lj.AntiPaSTOConfig(r=64, block_size=4, **anti)
+        svd = {"svd_iters": opts["niter"], "svd_oversample": opts.get("oversample", 8)}
+        inits[f"pissa {name}"] = lj.PiSSAConfig(r=RANK, **svd)
+        inits[f"antipasto {name}"] = lj.AntiPaSTOConfig(r=64, block_size=4, **svd)
     init_s = {
         name: _warm_seconds(lambda v=v: nnx.state(lj.apply_adapters(base, cfg_for(v)), lj.AdapterState))
         for name, v in inits.items()

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ADAPTER_VARIABLES",
+    "layer_kernel",
     "Adapter",
     "AdapterParam",
     "AdapterState",
@@ -89,6 +90,32 @@ def as_alpha(value: ArrayLike, *, what: str = "alpha") -> Float[Array, "*rows"]:
 ADAPTER_VARIABLES = (AdapterParam, AdapterState, Alpha)
 
 
+def layer_kernel(module: nnx.Module, info: ViewInfo, *, variant: str, path: str, use: str = "at init") -> Array:
+    """The layer's kernel as a dense float array: the one place lora_jax reads a layer's
+    weights (inits that decompose them, DoRA's norms, merges, dimension selection).
+
+    A kernel that is not a plain float array (an int8 / packed quantized weight behind a
+    registered view, or a custom container) is refused rather than used as if its raw
+    storage were the weight. ``variant`` and ``path`` name the caller in the message,
+    ``use`` says when it reads the weights.
+    """
+    var = getattr(module, info.kernel)
+    try:
+        kernel = var[...]
+    except TypeError:  # not indexable with [...]: name the object itself in the message
+        kernel = var
+    if not isinstance(kernel, jax.Array | np.ndarray) or not jnp.issubdtype(kernel.dtype, jnp.floating):
+        what = f"an array of dtype {kernel.dtype}" if hasattr(kernel, "dtype") else f"a {type(kernel).__name__}"
+        where = f" of {path!r}" if path else ""
+        instead = ", or use lora, which never reads the kernel at init" if use == "at init" else ""
+        raise ValueError(
+            f"{variant}: the kernel {info.kernel!r}{where} is {what}, not a dense float array, and {variant} "
+            f"reads the dense weights {use}; dequantize the layer first (or register a view whose kernel "
+            f"attribute is the float weight){instead}"
+        )
+    return kernel
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     """Everything a variant needs to build an adapter for one layer."""
@@ -99,16 +126,15 @@ class Target:
     spec: EinsumSpec
 
     @property
-    def kernel(self) -> Array:
-        return getattr(self.module, self.info.kernel)[...]
-
-    @property
     def bias(self) -> Array | None:
         return None if self.info.bias is None else getattr(self.module, self.info.bias)[...]
 
-    def kernel_matrix(self, dtype: Any) -> Float[Array, "*batch d_in d_out"]:
-        """The kernel as matrices, whole on every device (for an init's decompositions)."""
-        return shardings.whole_matrices(self.spec.kernel_to_matrix(self.kernel)).astype(dtype)
+    def kernel_matrix(self, variant: str, dtype: Any) -> Float[Array, "*batch d_in d_out"]:
+        """The kernel as float matrices (:func:`layer_kernel`), whole on every device, in at
+        least float32 (an init's decompositions); ``variant`` names the reader in errors."""
+        kernel = layer_kernel(self.module, self.info, variant=variant, path=self.path)
+        matrix = shardings.whole_matrices(self.spec.kernel_to_matrix(kernel))
+        return matrix.astype(jnp.promote_types(dtype, jnp.float32))
 
     def key(self, seed: int) -> jax.Array:
         """A key that depends only on the seed and the layer's path, so re-applying a
@@ -191,6 +217,11 @@ class Adapter(nnx.Module):
     @property
     def dtype(self) -> Any:
         return jnp.dtype(self.config.dtype)
+
+    def base_kernel(self, use: str) -> Array:
+        """The wrapped layer's kernel in its own layout (:func:`layer_kernel`); ``use`` says
+        what reads it, for the error on a kernel that is not dense."""
+        return layer_kernel(self.base, self.info, variant=self.config.name, path="", use=use)
 
     def __getattr__(self, name: str) -> Any:
         """Read through to the wrapped layer: model code that inspects its layers

@@ -27,8 +27,8 @@ from jaxtyping import Array, Float, PyTree
 
 from lora_jax.adapter import Adapter, Target
 from lora_jax.layer_kinds import describe
+from lora_jax.paths import dotted, replace_module
 from lora_jax.progress import Progress
-from lora_jax.surgery import _path, _replace
 from lora_jax.views import spec_of
 
 __all__ = ["collect_statistics", "moments_init", "moments_update"]
@@ -151,7 +151,7 @@ def collect_statistics(
         raise ValueError("collect_statistics: paths is empty; pass the dotted paths of the layers to calibrate")
     copy = nnx.clone(model)
     copy.eval()
-    modules = {_path(parts): (parts, module) for parts, module in nnx.iter_modules(copy)}
+    modules = {dotted(parts): (parts, module) for parts, module in nnx.iter_modules(copy)}
     missing = [p for p in paths if p not in modules]
     if missing:
         raise ValueError(f"collect_statistics: no module at path(s) {missing}; paths look like 'layers.0.attn.q'")
@@ -161,7 +161,7 @@ def collect_statistics(
         parts, module = modules[path]
         target = _target_at(path, module)
         recorders[path] = _Recorder(target, module, init(target), shared_mask, update)
-        _replace(copy, parts, recorders[path])
+        replace_module(copy, parts, recorders[path])
     session = _Session(copy, shared_mask)
     n_batches = 0
     total = len(batches) if hasattr(batches, "__len__") else None

@@ -51,7 +51,8 @@ def _check_jsonable(value: Any, where: str) -> None:
 
 
 def _variant_to_dict(variant: VariantConfig) -> dict[str, Any]:
-    fields = {f.name: getattr(variant, f.name) for f in dataclasses.fields(variant)}
+    # A field kept under a deprecated name (variants/_svd.renamed) is read, never written.
+    fields = {f.name: getattr(variant, f.name) for f in dataclasses.fields(variant) if "renamed_to" not in f.metadata}
     for key, value in fields.items():
         _check_jsonable(value, f"{variant.name}.{key}")
     return {"variant": variant.name, **fields}

@@ -31,7 +31,7 @@ def top_r_svd(
 def _small_t(m: Array) -> Array:
     """The transpose of a thin (tall x k) matrix, materialized. ``m^T @ big`` then runs as
     a row-major ``(k, n) @ (n, d)`` dot; left to itself XLA:CPU folds the transpose into
-    the dot and transposes the big operand instead (about 3x slower measured here)."""
+    the dot and transposes the big operand instead, which is much slower."""
     barrier = jax.lax.optimization_barrier
     return barrier(_t(barrier(m)))
 

@@ -46,8 +46,9 @@ from flax import nnx
 
 from lora_jax.config import AdapterConfig, Rule
 from lora_jax.layer_kinds import describe
+from lora_jax.paths import dotted, iter_adapters
 from lora_jax.peft_codec import PeftCodec, PeftFormatError
-from lora_jax.surgery import apply_adapters, iter_adapters
+from lora_jax.surgery import apply_adapters
 from lora_jax.variants import VARIANTS
 
 __all__ = ["CODECS", "PeftCodec", "PeftFormatError", "export_peft", "import_peft"]
@@ -251,7 +252,7 @@ def import_peft(path: str | Path, base_model: M, *, hf_name: Callable[[str], str
         groups[key[len(PREFIX) : -len(suffix) - 1]][suffix] = value
     by_name: dict[str, str] = {}
     for parts, module in nnx.iter_modules(base_model):
-        nnx_path = ".".join(str(p) for p in parts)
+        nnx_path = dotted(parts)
         name = hf_name(nnx_path) if parts and describe(module) is not None else None
         if name in groups:
             if name in by_name:

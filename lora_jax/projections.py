@@ -13,9 +13,8 @@ row-major activations (``dA = x^T dh``, ``dB = h^T dy``), which XLA:CPU computes
 copying the big activation into column order or with a slow generic dot. Here the small
 rank-space operand (``tokens x k``) is transposed instead, so every backward dot has the
 form ``(M, K) @ (K, N)`` with both operands row-major, and ``optimization_barrier``
-keeps XLA from folding those small transposes back into the dots. Measured on the
-benchmark's Qwen3-shaped stack (2-core CPU): the LoRA train step goes from 1.0x to 0.7x
-of qwix's (``benchmarks/bench.py``).
+keeps XLA from folding those small transposes back into the dots
+(``benchmarks/bench.py`` times the LoRA train step against qwix's).
 
 A ``custom_vjp`` function supports reverse mode only (``jax.grad``, ``jax.vjp``). With
 ``custom_vjp=False`` the einsums are differentiated by JAX op by op, so forward mode

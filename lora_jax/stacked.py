@@ -142,7 +142,7 @@ def _merged_one(adapter: Adapter) -> tuple[Array, Array | None]:
     spec, info, base = adapter.spec, adapter.info, adapter.base
     kernel_var = getattr(base, info.kernel)
     bias_var = getattr(base, info.bias) if info.bias else None
-    kernel = spec.kernel_to_matrix(kernel_var[...]).astype(adapter.dtype)
+    kernel = spec.kernel_to_matrix(adapter.base_kernel("to merge")).astype(adapter.dtype)
     bias = None if bias_var is None else spec.bias_to_matrix(bias_var[...]).astype(adapter.dtype)
     new_kernel, new_bias = adapter.merged(kernel, bias)
     new_kernel = spec.kernel_from_matrix(new_kernel).astype(kernel_var.dtype)
@@ -165,7 +165,7 @@ def merged_arrays(adapter: Adapter) -> tuple[Float[Array, "*kernel"], Float[Arra
     def keep_unselected(new: Array, old: Array) -> Array:
         return jnp.where(mask.reshape(-1, *([1] * (old.ndim - 1))) > 0, new, old)
 
-    kernel = keep_unselected(kernel, getattr(base, adapter.info.kernel)[...])
+    kernel = keep_unselected(kernel, adapter.base_kernel("to merge"))
     if bias is not None:
         bias = keep_unselected(bias, getattr(base, adapter.info.bias)[...])
     return kernel, bias

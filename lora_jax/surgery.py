@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import re
-from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import jax
@@ -20,6 +18,16 @@ from lora_jax import ragged, shardings, stacked
 from lora_jax.adapter import Adapter, Target, as_alpha
 from lora_jax.config import AdapterConfig, Rule
 from lora_jax.layer_kinds import SUPPORTED_TYPES, describe, owns_params
+from lora_jax.paths import (
+    NoMatchError,
+    dotted,
+    iter_adapters,
+    layer_index,
+    matches,
+    module_paths,
+    replace_module,
+    select,
+)
 from lora_jax.progress import Progress
 from lora_jax.variants import VARIANTS
 from lora_jax.views import UnsupportedLayerError, spec_of
@@ -39,21 +47,6 @@ M = TypeVar("M", bound=nnx.Module)
 
 class AlreadyAdaptedError(ValueError):
     """A rule matched a layer that already carries an adapter."""
-
-
-class NoMatchError(ValueError):
-    """A rule (or an alpha selection) matched no layer."""
-
-
-def _path(parts: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in parts)
-
-
-def _layer_index(path: str) -> int | None:
-    for part in path.split("."):
-        if part.isdigit():
-            return int(part)
-    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +76,9 @@ def _candidates(model: nnx.Module) -> list[_Candidate]:
                     found.append(_Candidate(parts, None, None, unsupported_type=_type_name(module)))
                 continue
             if stacked.stack_depth(module, info):
-                target = stacked.stacked_target(_path(parts), module, info)
+                target = stacked.stacked_target(dotted(parts), module, info)
             else:
-                target = Target(_path(parts), module, info, spec_of(module, info))
+                target = Target(dotted(parts), module, info, spec_of(module, info))
         except UnsupportedLayerError as err:
             found.append(_Candidate(parts, None, err))
             continue
@@ -115,13 +108,13 @@ def _roles(target: Target, d_model: int) -> set[str]:
 
 
 def _rule_matches(rule: Rule, path: str, target: Target | None, d_model: int) -> bool:
-    if not re.search(rule.pattern, path) or any(re.search(e, path) for e in rule.exclude):
+    if not matches(rule.pattern, path) or any(matches(e, path) for e in rule.exclude):
         return False
     if rule.layers is not None:
         if isinstance(target, stacked.StackedTarget):  # layers= picks slices of the stack
             if not set(rule.layers) & set(range(target.size)):
                 return False
-        elif _layer_index(path) not in rule.layers:
+        elif layer_index(path) not in rule.layers:
             return False
     if rule.roles is not None and (target is None or not _roles(target, d_model) & set(rule.roles)):
         return False
@@ -155,7 +148,7 @@ def find_targets(model: nnx.Module, cfg: AdapterConfig) -> list[tuple[Target, Ru
         n_matched = 0
         unsupported: list[str] = []
         for c in candidates:
-            path = _path(c.parts)
+            path = dotted(c.parts)
             if not _rule_matches(rule, path, c.target, d_model):
                 continue
             if path in claimed:
@@ -206,17 +199,6 @@ def _check_kind(i: int, rule: Rule, target: Target) -> None:
     )
 
 
-def _replace(model: nnx.Module, parts: tuple[Any, ...], new: nnx.Module) -> None:
-    parent: Any = model
-    for p in parts[:-1]:
-        parent = parent[p] if isinstance(parent, nnx.List | nnx.Dict | list | dict) else getattr(parent, p)
-    key = parts[-1]
-    if isinstance(parent, nnx.List | nnx.Dict | list | dict):
-        parent[key] = new
-    else:
-        setattr(parent, key, new)
-
-
 def _build(target: Target, rule: Rule, seed: int) -> Adapter:
     if isinstance(target, stacked.StackedTarget):
         return stacked.build(target, rule.variant, seed=seed, layers=rule.layers)
@@ -243,17 +225,10 @@ def apply_adapters(model: M, cfg: AdapterConfig) -> M:
             if bar.due():  # count layers computed, not merely dispatched
                 jax.block_until_ready(nnx.state(built[-1][1]))
             bar.update()
-    paths = {_path(parts): parts for parts, _ in nnx.iter_modules(new)}
+    paths = module_paths(new)
     for path, adapter in built:
-        _replace(new, paths[path], adapter)
+        replace_module(new, paths[path], adapter)
     return new
-
-
-def iter_adapters(model: nnx.Module) -> Iterator[tuple[str, Adapter]]:
-    """``(dotted path, adapter)`` for every adapter in the model."""
-    for parts, module in nnx.iter_modules(model):
-        if isinstance(module, Adapter):
-            yield _path(parts), module
 
 
 def set_alpha(model: nnx.Module, value: Any, *, pattern: str | None = None) -> int:
@@ -268,10 +243,7 @@ def set_alpha(model: nnx.Module, value: Any, *, pattern: str | None = None) -> i
     ``|alpha log l|`` passes about 88, which is the math, not a bug; steer within a few units.
     """
     alpha = as_alpha(value)
-    selected = [(p, a) for p, a in iter_adapters(model) if pattern is None or re.search(pattern, p)]
-    if not selected:
-        paths = [p for p, _ in iter_adapters(model)]
-        raise NoMatchError(f"set_alpha(pattern={pattern!r}) matched no adapter; adapters: {paths or 'none'}")
+    selected = select(iter_adapters(model), pattern, caller="set_alpha")
     for _, adapter in selected:
         adapter.alpha.value = stacked.alpha_value(alpha, stacked.layer_mask(adapter))
     return len(selected)
@@ -281,7 +253,7 @@ def merge_adapters(model: M) -> M:
     """A copy of ``model`` with every adapter folded into its layer's kernel (and bias) at
     its current alpha; the result holds only the original module types."""
     new = nnx.clone(model)
-    paths = {_path(parts): parts for parts, _ in nnx.iter_modules(new)}
+    paths = module_paths(new)
     updates = []  # computed first: a failure leaves no half-merged copy behind
     for path, adapter in iter_adapters(new):
         base, info = adapter.base, adapter.info
@@ -292,5 +264,5 @@ def merge_adapters(model: M) -> M:
     for path, base, *assignments in updates:
         for var, value in assignments:  # on Explicit mesh axes: back on the layer's own sharding
             var.value = shardings.like(value.astype(var.dtype), var[...])
-        _replace(new, paths[path], base)
+        replace_module(new, paths[path], base)
     return new

@@ -15,7 +15,6 @@ Every function accepts a full state or one holding only adapter leaves.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,16 +23,13 @@ from flax import nnx
 from jaxtyping import Array, ArrayLike
 
 from lora_jax.adapter import ADAPTER_VARIABLES, AdapterParam, AdapterState, Alpha, as_alpha
+from lora_jax.paths import dotted, iter_adapters, select
 from lora_jax.stacked import LayerMask, alpha_value
-from lora_jax.surgery import NoMatchError, iter_adapters, merge_adapters
+from lora_jax.surgery import merge_adapters
 
 __all__ = ["adapter_state", "cast", "cat", "combine", "merge", "negate", "scale", "set_alpha"]
 
 Path = tuple[Any, ...]
-
-
-def _dotted(path: Path) -> str:
-    return ".".join(str(p) for p in path)
 
 
 def _rebuild(state: nnx.State, fn: Callable[[Path, nnx.Variable], Array | None]) -> nnx.State:
@@ -46,14 +42,8 @@ def _rebuild(state: nnx.State, fn: Callable[[Path, nnx.Variable], Array | None])
 
 
 def _alpha_paths(state: nnx.State, pattern: str | None, caller: str) -> set[Path]:
-    alphas = [path for path, var in nnx.to_flat_state(state) if isinstance(var, Alpha)]
-    chosen = {p for p in alphas if pattern is None or re.search(pattern, _dotted(p[:-1]))}
-    if not chosen:
-        names = [_dotted(p[:-1]) for p in alphas]
-        raise NoMatchError(
-            f"{caller}(pattern={pattern!r}) matched no adapter; adapters in this state: {names or 'none'}"
-        )
-    return chosen
+    alphas = [(dotted(path[:-1]), path) for path, var in nnx.to_flat_state(state) if isinstance(var, Alpha)]
+    return {path for _, path in select(alphas, pattern, caller=caller, where=" in this state")}
 
 
 def adapter_state(state: nnx.State) -> nnx.State:
@@ -92,8 +82,8 @@ def negate(state: nnx.State, *, pattern: str | None = None) -> nnx.State:
 def _check_same_structure(states: Sequence[nnx.State], caller: str) -> None:
     shapes = [{p: (v[...].shape, v.type) for p, v in nnx.to_flat_state(s)} for s in states]
     for i, other in enumerate(shapes[1:], start=1):
-        differ = sorted(_dotted(p) for p in set(shapes[0]) ^ set(other))
-        differ += sorted(_dotted(p) for p in set(shapes[0]) & set(other) if shapes[0][p] != other[p])
+        differ = sorted(dotted(p) for p in set(shapes[0]) ^ set(other))
+        differ += sorted(dotted(p) for p in set(shapes[0]) & set(other) if shapes[0][p] != other[p])
         if differ:
             raise ValueError(
                 f"{caller}: state {i} differs from state 0 in paths, shapes or Variable types at {differ[:20]}; "

@@ -34,6 +34,7 @@ from lora_jax.variants.antipasto_cayley import (
     rotation_angles,
     skew_from_params,
 )
+from lora_jax.views import ViewInfo, register_view
 
 BY_NAME = {layout.name: layout for layout in LAYOUTS}
 
@@ -275,3 +276,22 @@ def test_bad_config_errors(options, message):
     with pytest.raises(ValueError, match=message):
         variant = AntiPaSTOConfig(**{"r": 4, "block_size": 2, **options})
         apply_adapters(Host(layer), AdapterConfig(rules=(Rule(pattern="layer", variant=variant),)))
+
+
+class Int8Linear(nnx.Module):
+    """A toy weight-only-quantized layer: its kernel attribute is int8 storage, not the weight."""
+
+    def __init__(self):
+        self.w = nnx.Param(jnp.ones((16, 12), jnp.int8))
+
+    def __call__(self, x):
+        return x @ self.w[...].astype(x.dtype)
+
+
+def test_a_kernel_that_is_not_dense_is_refused_like_for_the_other_svd_variants():
+    register_view(Int8Linear, lambda m: ViewInfo("...i,io->...o", kernel="w"))
+    variant = AntiPaSTOConfig(r=4, block_size=2)
+    with pytest.raises(
+        ValueError, match=r"antipasto: the kernel 'w' of 'layer' is an array of dtype int8, not a dense float array"
+    ):
+        apply_adapters(Host(Int8Linear()), AdapterConfig(rules=(Rule(pattern="layer", variant=variant),)))

@@ -12,7 +12,16 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lora_jax import AdapterConfig, LoRAConfig, Rule, VariantConfig, apply_adapters, iter_adapters, register_variant
+from lora_jax import (
+    AdapterConfig,
+    LoRAConfig,
+    PiSSAConfig,
+    Rule,
+    VariantConfig,
+    apply_adapters,
+    iter_adapters,
+    register_variant,
+)
 from lora_jax.adapter import Adapter, AdapterParam
 from lora_jax.checkpoint import CheckpointError, restore, save
 from lora_jax.peft_codec import PeftCodec
@@ -126,3 +135,17 @@ def test_register_variant_refuses_what_it_cannot_register():
     with pytest.raises(TypeError, match=r"Unbuilt does not implement \['build'\]"):
         register_variant(Unbuilt)
     assert VARIANTS["lora"] is LoRAConfig and "unbuilt" not in VARIANTS
+
+
+def test_pissa_reads_its_old_randomized_svd_names_and_saves_the_new_ones():
+    """svd_iters / svd_oversample are the one pair of names; PiSSA's configs saved as
+    niter / oversample still restore (with a DeprecationWarning) and are re-saved renamed."""
+    saved = {"pattern": "^up$", "variant": {"variant": "pissa", "r": 2, "niter": 3, "oversample": 1}}
+    with pytest.warns(DeprecationWarning, match=r"pissa: niter= is now called svd_iters="):
+        rule = Rule.from_dict(saved)
+    assert rule.variant == PiSSAConfig(r=2, svd_iters=3, svd_oversample=1)
+    written = AdapterConfig(rules=(rule,)).to_dict()["rules"][0]["variant"]
+    assert (written["svd_iters"], written["svd_oversample"]) == (3, 1)
+    assert "niter" not in written and "oversample" not in written
+    with pytest.raises(TypeError, match=r"pissa: niter= is the old name of svd_iters=; pass only svd_iters"):
+        PiSSAConfig(niter=2, svd_iters=4)

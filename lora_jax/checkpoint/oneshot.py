@@ -34,6 +34,7 @@ from lora_jax.checkpoint.records import (
     read_item,
     read_meta,
 )
+from lora_jax.paths import module_paths
 from lora_jax.surgery import apply_adapters
 
 M = TypeVar("M", bound=nnx.Module)
@@ -188,7 +189,7 @@ def restore(path: str | Path, base_model: M) -> M:
         read = lambda args: checkpointer.restore(where, args=args)
         meta = read_meta(where, read)
         cfg, paths = config_from_meta(meta, where)
-        layers = {".".join(str(p) for p in parts) for parts, _ in nnx.iter_modules(base_model)}
+        layers = set(module_paths(base_model))
         absent = [p for p in paths if p not in layers]
         if absent:
             raise CheckpointError(

@@ -25,7 +25,7 @@ from flax import nnx
 from lora_jax._version import __version__
 from lora_jax.adapter import ADAPTER_VARIABLES
 from lora_jax.config import AdapterConfig, Rule
-from lora_jax.surgery import iter_adapters
+from lora_jax.paths import iter_adapters
 
 FORMAT = 2  # 2: the record carries a digest; 1 (no digest) is still read
 READABLE_FORMATS = (1, 2)

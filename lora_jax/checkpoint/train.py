@@ -8,6 +8,7 @@ the step asked for cannot be read, the error names the steps that can.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +29,7 @@ from lora_jax.checkpoint.records import (
     read_item,
     read_meta,
 )
-from lora_jax.surgery import iter_adapters
+from lora_jax.paths import iter_adapters
 
 
 class TrainCheckpointer:
@@ -157,9 +158,11 @@ class TrainCheckpointer:
         where = self.directory / str(step)
         read = lambda args: self._manager.restore(step, args=args)
         saved = read_meta(where, read)
-        config_from_meta(saved, where)  # format, variant names, config digest
+        cfg, _ = config_from_meta(saved, where)  # checks format, variant names, config digest
         ours = describe(model)
-        if (saved["paths"], saved["adapter_config"]) != (ours["paths"], ours["adapter_config"]):
+        # Compared as rebuilt today, so a config saved under a field's older name still matches.
+        theirs = json.loads(json.dumps(cfg.to_dict()))
+        if (saved["paths"], theirs) != (ours["paths"], ours["adapter_config"]):
             differ = sorted(set(saved["paths"]) ^ set(ours["paths"])) or saved["paths"]
             raise CheckpointError(
                 f"{where}: the checkpoint's adapters differ from the model's (paths or variant configs; "

@@ -23,6 +23,7 @@ from flax import nnx
 
 from lora_jax.models.config import config_from_hf
 from lora_jax.models.qwen3 import Qwen3
+from lora_jax.paths import dotted
 
 __all__ = ["load_hf", "to_hf_name", "from_hf_name", "hf_tensor_name"]
 
@@ -132,7 +133,7 @@ def load_hf(path: str | Path, *, param_dtype=jnp.float32) -> Qwen3:
     model = nnx.eval_shape(lambda: Qwen3(cfg, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
     used = set()
     for parts, var in nnx.to_flat_state(nnx.state(model)):
-        param_path = ".".join(str(p) for p in parts)
+        param_path = dotted(parts)
         name = hf_tensor_name(param_path)
         if name not in tensors:
             raise KeyError(f"{path}: tensor {name!r} (for {param_path}) is missing from the checkpoint")

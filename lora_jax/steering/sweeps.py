@@ -19,7 +19,6 @@ sweep with other alpha values but the same count does not compile again.
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -29,8 +28,9 @@ from flax import nnx
 from jaxtyping import Array, ArrayLike, Float
 
 from lora_jax.adapter import as_alpha
-from lora_jax.surgery import NoMatchError, iter_adapters
+from lora_jax.paths import NoMatchError, iter_adapters, select
 from lora_jax.transforms import set_alpha
+from lora_jax.validation import is_int
 
 __all__ = ["sweep"]
 
@@ -106,11 +106,10 @@ def sweep(
     if batch_size is not None:
         if mode != "vmap":
             raise ValueError(f"sweep: batch_size applies to mode='vmap' only, got mode={mode!r}")
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"sweep: batch_size={batch_size!r} must be a positive integer (alphas per step)")
-    if pattern is not None and not any(re.search(pattern, p) for p, _ in iter_adapters(model)):
-        paths = [p for p, _ in iter_adapters(model)]
-        raise NoMatchError(f"sweep(pattern={pattern!r}) matched no adapter; adapters: {paths or 'none'}")
+    if pattern is not None:
+        select(iter_adapters(model), pattern, caller="sweep")
     if not any(True for _ in iter_adapters(model)):
         raise NoMatchError("sweep: the model has no adapters; apply_adapters(model, cfg) first")
     graphdef, state = nnx.split(model)

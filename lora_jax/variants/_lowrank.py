@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jaxtyping import Array
 
 from lora_jax.adapter import Adapter, AdapterParam, VariantConfig
 from lora_jax.peft_codec import PeftFormatError
@@ -36,6 +38,19 @@ class LowRankConfig(VariantConfig):
     def scale(self) -> float:
         """PEFT's ``scaling``."""
         return self.lora_alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+class LowRankAdapter(Adapter):
+    """An adapter whose input may pass dropout (train mode only) before its factors."""
+
+    def init_dropout(self, rate: float, key: jax.Array) -> None:
+        """``self.dropout``: an ``nnx.Dropout`` with its own stream, or None at rate 0."""
+        self.dropout = nnx.Dropout(rate, rngs=nnx.Rngs(dropout=key)) if rate else None
+
+    def adapter_input(self, x: Array) -> Array:
+        """``x`` in the adapter dtype, after dropout when there is one."""
+        h = x.astype(self.dtype)
+        return h if self.dropout is None else self.dropout(h)
 
 
 def lora_pair(adapter: Adapter, key: jax.Array, r: int) -> tuple[AdapterParam, AdapterParam]:

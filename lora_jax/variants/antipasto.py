@@ -22,9 +22,9 @@ undo as U diag(ad) Vh. A per-row alpha (shape (batch,)) builds one rotation per 
 Delta form, not W_res: no second (d_in, d_out) kernel; the base keeps its dtype, bias and
 sharding. At a scalar alpha the rank-space steps fold into one (r, r) matrix ``core``
 (the same one :meth:`merged` uses), so the forward is ``base(x) + (x U core) Vh``: the
-W_res form's matmul FLOPs plus an r x r product, measured 1.01x the W_res form's time
-(``benchmarks/antipasto_forms.py``, CPU, 2048 rows at d=1024 r=64, bs=4) while saving
-W_res's 4 MiB per d=1024 layer. A per-row alpha applies the blocks row by row.
+W_res form's matmul FLOPs plus an r x r product (timed against the W_res form by
+``benchmarks/antipasto_forms.py``), without W_res's ``d_in x d_out`` copy per layer. A
+per-row alpha applies the blocks row by row.
 
 Checked against a float64 numpy dense W_res + U R_in diag(S + ad) R_out^T Vh
 (tests/test_antipasto.py). Data-driven dims instead of the top r:
@@ -43,8 +43,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Target, VariantConfig
-from lora_jax.linalg import randomized_svd, top_r_svd
-from lora_jax.variants._checks import check_oversample, check_rank
+from lora_jax.variants._checks import check_rank
+from lora_jax.variants._svd import check_svd_fields, top_r_factors
 from lora_jax.variants.antipasto_cayley import block_diag, bound_skew, cayley_delta, n_params, skew_from_params
 
 ROTATE = ("input", "output", "both", "none")
@@ -62,7 +62,8 @@ class RotationParam(AdapterParam):
 class AntiPaSTOConfig(VariantConfig):
     """``r`` SVD dims (divisible by ``block_size``), ``max_angle`` in (0, pi), ``rotate``
     one of ROTATE, ``delta_s`` learn shifts, ``svd_iters`` None: full SVD, K: randomized
-    with K power iterations and ``r + svd_oversample`` sketch columns."""
+    with K power iterations and ``r + svd_oversample`` sketch columns
+    (:mod:`lora_jax.variants._svd`)."""
 
     name = "antipasto"
     r: int = 64
@@ -89,7 +90,7 @@ class AntiPaSTOConfig(VariantConfig):
             )
         if self.rotate == "none" and not self.delta_s:
             raise ValueError("antipasto: rotate='none' with delta_s=False leaves nothing to train")
-        check_oversample(self.name, "svd_oversample", self.svd_oversample)
+        check_svd_fields(self)
 
     def build(self, target: Target, *, seed: int) -> AntiPaSTO:
         check_rank(self.name, self.r, target)
@@ -101,14 +102,9 @@ class AntiPaSTO(Adapter):
         super().__init__(target, config)
         batch, r, bs = target.spec.batch_shape, config.r, config.block_size
         key_svd, key_s = jax.random.split(target.key(seed))
-        kernel = target.kernel_matrix(jnp.promote_types(self.dtype, jnp.float32))
-        n_iter, put = config.svd_iters, self.variable  # put: laid out (sharded) like the base kernel
-        svd = (
-            top_r_svd(kernel, r)
-            if n_iter is None
-            else randomized_svd(kernel, r, niter=n_iter, key=key_svd, oversample=config.svd_oversample)
-        )
-        u, s, vh = (m.astype(self.dtype) for m in svd)
+        kernel = target.kernel_matrix(config.name, self.dtype)
+        put = self.variable  # laid out (sharded) like the base kernel
+        u, s, vh = (m.astype(self.dtype) for m in top_r_factors(kernel, r, config, key_svd))
         self.u, self.s, self.vh = put(AdapterState, u, "i-"), put(AdapterState, s, "-"), put(AdapterState, vh, "-o")
         self.indices = put(AdapterState, jnp.broadcast_to(jnp.arange(r, dtype=jnp.int32), (*batch, r)), "-")
         noise = jax.random.truncated_normal(key_s, -2.0, 2.0, (*batch, r), self.dtype)

@@ -22,7 +22,6 @@ Everything reduces to :class:`ProjectionStats` (sums, so it streams over batches
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -32,7 +31,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from lora_jax.calibrate import collect_statistics
-from lora_jax.surgery import iter_adapters
+from lora_jax.paths import iter_adapters, matches
 from lora_jax.variants.antipasto import AntiPaSTO
 
 __all__ = [
@@ -83,7 +82,7 @@ def projection_stats(
 
 def full_svd(adapter: AntiPaSTO) -> Svd:
     """Every singular triplet of the adapter's base kernel, largest first."""
-    kernel = getattr(adapter.base, adapter.info.kernel)[...]
+    kernel = adapter.base_kernel("to select dimensions")
     matrix = adapter.spec.kernel_to_matrix(kernel).astype(jnp.promote_types(adapter.dtype, jnp.float32))
     return jnp.linalg.svd(matrix, full_matrices=False)
 
@@ -182,7 +181,7 @@ def select_dimensions(
     if method not in METHODS:
         raise ValueError(f"select_dimensions: unknown method={method!r}; use one of {METHODS}")
     adapters = {
-        p: a for p, a in iter_adapters(model) if isinstance(a, AntiPaSTO) and (pattern is None or re.search(pattern, p))
+        p: a for p, a in iter_adapters(model) if isinstance(a, AntiPaSTO) and matches(pattern, p)
     }
     if not adapters:
         raise ValueError(f"select_dimensions: no AntiPaSTO adapter matches pattern={pattern!r}; apply_adapters first")

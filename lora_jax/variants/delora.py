@@ -27,13 +27,12 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jaxtyping import Array
 
-from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Target, VariantConfig
+from lora_jax.adapter import AdapterParam, AdapterState, Target, VariantConfig
 from lora_jax.linalg import column_norms, row_norms
-from lora_jax.variants._checks import check_dropout, check_rank, dense_kernel
-from lora_jax.variants._lowrank import lora_pair
+from lora_jax.variants._checks import check_dropout, check_rank
+from lora_jax.variants._lowrank import LowRankAdapter, lora_pair
 
 _CLAMP = 1e-4  # PEFT's floor on the factor norms: keeps the scale finite at B = 0
 
@@ -58,11 +57,11 @@ class DeLoRAConfig(VariantConfig):
 
     def build(self, target: Target, *, seed: int) -> DeLoRA:
         check_rank(self.name, self.r, target)
-        w_norm = row_norms(dense_kernel(self.name, target, self.dtype))
+        w_norm = row_norms(target.kernel_matrix(self.name, self.dtype))
         return DeLoRA(target, self, w_norm, seed=seed)
 
 
-class DeLoRA(Adapter):
+class DeLoRA(LowRankAdapter):
     def __init__(self, target: Target, config: DeLoRAConfig, w_norm: Array, *, seed: int):
         super().__init__(target, config)
         key_a, key_dropout = jax.random.split(target.key(seed))
@@ -70,7 +69,7 @@ class DeLoRA(Adapter):
         lam = jnp.full(target.spec.batch_shape, config.delora_lambda, self.dtype)
         self.delora_lambda = self.variable(DeLoRALambda, lam, "")
         self.w_norm = self.variable(AdapterState, w_norm.astype(self.dtype), "i")
-        self.dropout = nnx.Dropout(config.dropout, rngs=nnx.Rngs(dropout=key_dropout)) if config.dropout else None
+        self.init_dropout(config.dropout, key_dropout)
 
     def _rank_scale(self) -> Array:
         """``lambda / (r |a_i| |b_i|)``, shape ``(*batch, r)``."""
@@ -79,9 +78,7 @@ class DeLoRA(Adapter):
 
     def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:
         y = call_base(x)
-        h = x.astype(self.dtype)
-        if self.dropout is not None:
-            h = self.dropout(h)
+        h = self.adapter_input(x)
         h = self.project_in(h * self.spec.in_broadcast(self.w_norm[...], x.ndim, like=h), self.lora_a[...])
         h = h * (self.spec.rank_broadcast(self._rank_scale(), x.ndim) * self.alpha_for("hidden", x.ndim))
         return y + self.project_out(h, self.lora_b[...], x.ndim).astype(y.dtype)

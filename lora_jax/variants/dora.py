@@ -38,7 +38,7 @@ from jaxtyping import Array
 
 from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Target
 from lora_jax.peft_codec import PeftCodec, host_array
-from lora_jax.variants._checks import check_rank, dense_kernel
+from lora_jax.variants._checks import check_rank
 from lora_jax.variants._lowrank import LORA_AB, LORA_PEFT, LowRankConfig, from_peft_entries, lora_pair, peft_entries
 
 
@@ -79,7 +79,7 @@ class DoRAConfig(LowRankConfig):
 
     def build(self, target: Target, *, seed: int) -> DoRA:
         check_rank(self.name, self.r, target)
-        w = dense_kernel(self.name, target, self.dtype).astype(self.dtype)
+        w = target.kernel_matrix(self.name, self.dtype).astype(self.dtype)
         base_norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(w), axis=-2), jnp.finfo(self.dtype).tiny))
         return DoRA(target, self, base_norm, seed=seed)
 
@@ -108,7 +108,7 @@ class DoRA(Adapter):
         return (m - n) / n, m / n
 
     def _kernel(self) -> Array:
-        return self.spec.kernel_to_matrix(getattr(self.base, self.info.kernel)[...]).astype(self.dtype)
+        return self.spec.kernel_to_matrix(self.base_kernel("in every forward")).astype(self.dtype)
 
     def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:
         y = call_base(x)

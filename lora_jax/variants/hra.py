@@ -34,6 +34,7 @@ from jaxtyping import Array, Float
 from lora_jax import shardings
 from lora_jax.adapter import Adapter, AdapterParam, Target, VariantConfig
 from lora_jax.rotations import hra_basis, hra_coefficients, hra_coords, hra_rotation, safe_norm
+from lora_jax.validation import is_int
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -45,7 +46,7 @@ class HRAConfig(VariantConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0 or self.r % 2:
+        if not is_int(self.r) or self.r <= 0 or self.r % 2:
             raise ValueError(
                 f"hra: r={self.r!r} must be a positive even integer: the identity init pairs equal "
                 "reflections (H H = I), so an odd r cannot start at the base model; use r=2, 4, 8, ..."

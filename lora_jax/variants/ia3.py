@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 import numpy as np
@@ -31,19 +31,20 @@ from lora_jax.peft_codec import PeftCodec, host_array
 from lora_jax.rotations import gate_power
 
 
-def gate_codec(
-    config_cls: Callable[[], VariantConfig], gate_shape: Callable[[int], tuple[int, int]], member_of: str | None
-) -> PeftCodec:
-    """PEFT's IA3 tensor ``ia3_l``: an output gate is stored ``(d_out, 1)``, a feed-forward
-    (input) gate ``(1, d_in)``, its layers listed in ``member_of``."""
+def gate_codec(config_cls: Callable[[], VariantConfig], side: str) -> PeftCodec:
+    """PEFT's IA3 tensor ``ia3_l``: an output gate (``side="o"``) is stored ``(d_out, 1)``,
+    a feed-forward input gate (``side="i"``) ``(1, d_in)``, its layers listed in
+    ``feedforward_modules``."""
 
     def to_peft(adapter: Adapter) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         gate = host_array(adapter.ia3_l[...])
-        return {}, {"ia3_l": gate.reshape(gate_shape(gate.shape[-1]))}
+        shape = (gate.shape[-1], 1) if side == "o" else (1, gate.shape[-1])
+        return {}, {"ia3_l": gate.reshape(shape)}
 
     def from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[VariantConfig, dict]:
         return config_cls(), {"ia3_l": tensors["ia3_l"].reshape(-1)}
 
+    member_of = None if side == "o" else "feedforward_modules"
     return PeftCodec("IA3", {}, {}, ("ia3_l",), to_peft, from_peft, member_of=member_of)
 
 
@@ -57,15 +58,19 @@ class IA3Config(VariantConfig):
         return IA3(target, self)
 
 
-IA3Config.peft_codec = gate_codec(IA3Config, lambda d: (d, 1), None)
+IA3Config.peft_codec = gate_codec(IA3Config, "o")
 
 
 class IA3(Adapter):
+    """One gate ``ia3_l`` per feature of ``side``: ``"o"`` output (here), ``"i"`` input (IA3-FF)."""
+
+    side: ClassVar[str] = "o"
+
     def __init__(self, target: Target, config: IA3Config):
         super().__init__(target, config)
-        self.ia3_l = self.variable(
-            AdapterParam, jnp.ones((*target.spec.batch_shape, target.spec.d_out), self.dtype), "o"
-        )
+        spec = target.spec
+        size = spec.d_out if self.side == "o" else spec.d_in
+        self.ia3_l = self.variable(AdapterParam, jnp.ones((*spec.batch_shape, size), self.dtype), self.side)
 
     def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:
         y = call_base(x)

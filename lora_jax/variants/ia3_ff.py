@@ -8,6 +8,9 @@ matrix of an MLP); put an :class:`IA3FFConfig` rule for those layers next to an
 
 Identity at t=0: l = 1, so the input is multiplied by exactly 1.
 
+The gate, its init and its PEFT codec are IA3's (:mod:`lora_jax.variants.ia3`); this file
+holds what differs: the gate acts on the input, so forward and merge.
+
 Runtime alpha: the gate is ``Re(l ** alpha)`` as in IA3: alpha = 0 gives exactly the
 base, alpha = -1 the inverse gate ``1 / l`` (entries of exactly 0 floored at 1e-6).
 The bias is untouched (the gate acts before the layer). Checked against
@@ -19,16 +22,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-import jax.numpy as jnp
 from jaxtyping import Array
 
-from lora_jax.adapter import Adapter, AdapterParam, Target, VariantConfig
+from lora_jax.adapter import Target
 from lora_jax.rotations import gate_power
-from lora_jax.variants.ia3 import gate_codec
+from lora_jax.variants.ia3 import IA3, IA3Config, gate_codec
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class IA3FFConfig(VariantConfig):
+class IA3FFConfig(IA3Config):
     """No hyperparameters: one gate per input feature, initialised to 1."""
 
     name = "ia3_ff"
@@ -37,15 +39,11 @@ class IA3FFConfig(VariantConfig):
         return IA3FF(target, self)
 
 
-IA3FFConfig.peft_codec = gate_codec(IA3FFConfig, lambda d: (1, d), "feedforward_modules")
+IA3FFConfig.peft_codec = gate_codec(IA3FFConfig, "i")
 
 
-class IA3FF(Adapter):
-    def __init__(self, target: Target, config: IA3FFConfig):
-        super().__init__(target, config)
-        self.ia3_l = self.variable(
-            AdapterParam, jnp.ones((*target.spec.batch_shape, target.spec.d_in), self.dtype), "i"
-        )
+class IA3FF(IA3):
+    side = "i"
 
     def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:
         alpha = self.alpha_for("out", x.ndim)  # validates a per-row alpha against this layout

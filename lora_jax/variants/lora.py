@@ -21,13 +21,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jaxtyping import Array, ArrayLike
 
 from lora_jax.adapter import Adapter, AdapterParam, Alpha, Target
 from lora_jax.peft_codec import PeftCodec, host_array
 from lora_jax.variants._checks import check_rank
-from lora_jax.variants._lowrank import LORA_AB, LORA_PEFT, LowRankConfig, from_peft_entries, lora_pair, peft_entries
+from lora_jax.variants._lowrank import (
+    LORA_AB,
+    LORA_PEFT,
+    LowRankAdapter,
+    LowRankConfig,
+    from_peft_entries,
+    lora_pair,
+    peft_entries,
+)
 
 
 def lora_to_peft(adapter: Adapter) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -83,20 +90,25 @@ class LoRAConfig(LowRankConfig):
         return LoRA(target, self, seed=seed)
 
 
-class LoRA(Adapter):
+class LoRA(LowRankAdapter):
     concatenable = True
 
-    def __init__(self, target: Target, config: LoRAConfig, *, seed: int):
+    def __init__(
+        self, target: Target, config: LoRAConfig, *, seed: int, factors: tuple[Array, Array] | None = None
+    ):
+        """PEFT's random init, or the given ``factors`` ``(A, B)`` (no random draw then)."""
         super().__init__(target, config)
         key_a, key_dropout = jax.random.split(target.key(seed))
-        self.lora_a, self.lora_b = lora_pair(self, key_a, config.r)
-        self.dropout = nnx.Dropout(config.dropout, rngs=nnx.Rngs(dropout=key_dropout)) if config.dropout else None
+        if factors is None:
+            self.lora_a, self.lora_b = lora_pair(self, key_a, config.r)
+        else:
+            a, b = (f.astype(self.dtype) for f in factors)
+            self.lora_a, self.lora_b = self.variable(AdapterParam, a, "i-"), self.variable(AdapterParam, b, "-o")
+        self.init_dropout(config.dropout, key_dropout)
 
     def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:
         y = call_base(x)
-        h = x.astype(self.dtype)
-        if self.dropout is not None:
-            h = self.dropout(h)
+        h = self.adapter_input(x)
         # Scaling in rank space touches r numbers per row instead of d_out.
         h = self.project_in(h, self.lora_a[...]) * (self.alpha_for("hidden", x.ndim) * self.config.scale)
         delta = self.project_out(h, self.lora_b[...], x.ndim)

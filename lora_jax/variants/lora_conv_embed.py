@@ -43,9 +43,7 @@ class ConvLoRA(LoRA):
 
     def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:
         y = call_base(x)
-        h = x.astype(self.dtype)
-        if self.dropout is not None:
-            h = self.dropout(h)
+        h = self.adapter_input(x)
         kernel = conv_factor(self.spec.kernel_shape, self.lora_a[...])
         h = conv_with_kernel(self.base, h, kernel)
         h = h * (per_row(self.alpha[...].astype(self.dtype), h.ndim) * self.config.scale)

@@ -22,7 +22,7 @@ import dataclasses
 
 from lora_jax.adapter import Target
 from lora_jax.linalg import lq
-from lora_jax.variants._checks import check_rank, dense_kernel
+from lora_jax.variants._checks import check_rank
 from lora_jax.variants._lowrank import LowRankConfig
 from lora_jax.variants.pissa import RESIDUAL_PEFT_CODEC, PiSSA
 
@@ -36,7 +36,7 @@ class OLoRAConfig(LowRankConfig):
 
     def build(self, target: Target, *, seed: int) -> OLoRA:
         check_rank(self.name, self.r, target)
-        low, q = lq(dense_kernel(self.name, target, self.dtype))
+        low, q = lq(target.kernel_matrix(self.name, self.dtype))
         return OLoRA(target, self, low[..., : self.r], q[..., : self.r, :], seed=seed)
 
 

@@ -16,8 +16,8 @@ Identity at t=0: bit-exact. ``A - A0`` and ``B - B0`` are exact zeros, so every 
 in the delta is zero (no reliance on two equal products cancelling in rounding).
 
 Runtime alpha scales the delta: 0 is the base (bit-exact), 1 the trained adapter, -1 the
-negated delta ``W - s (A B - A0 B0)``. Init: full SVD, or with ``niter`` a randomized SVD
-with that many power iterations (PEFT's ``pissa_niter_K``) for big kernels. Checked
+negated delta ``W - s (A B - A0 B0)``. Init: full SVD, or with ``svd_iters`` a randomized
+SVD with that many power iterations (PEFT's ``pissa_niter_K``) for big kernels. Checked
 against ``peft.tuners.lora.layer.Linear`` with ``init_lora_weights="pissa"``.
 """
 
@@ -30,14 +30,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jaxtyping import Array, Float
 
-from lora_jax.adapter import Adapter, AdapterParam, AdapterState, Target
-from lora_jax.linalg import randomized_svd, top_r_svd
+from lora_jax.adapter import AdapterParam, AdapterState, Target
 from lora_jax.peft_codec import PeftCodec
-from lora_jax.variants._checks import check_oversample, check_rank, dense_kernel
-from lora_jax.variants._lowrank import LORA_AB, LORA_PEFT, LowRankConfig
+from lora_jax.variants._checks import check_rank
+from lora_jax.variants._lowrank import LORA_AB, LORA_PEFT, LowRankAdapter, LowRankConfig
+from lora_jax.variants._svd import check_svd_fields, move_renamed, renamed, top_r_factors
 from lora_jax.variants.lora import LoRA, LoRAConfig, lora_to_peft
 
 
@@ -54,33 +53,31 @@ RESIDUAL_PEFT_CODEC = PeftCodec(
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PiSSAConfig(LowRankConfig):
-    """``r``, ``lora_alpha``, ``rslora``, ``dropout`` as in LoRA. ``niter=None`` takes a
-    full SVD; an integer takes a randomized SVD with that many power iterations and
-    ``r + oversample`` sketch columns (:func:`lora_jax.linalg.randomized_svd`)."""
+    """``r``, ``lora_alpha``, ``rslora``, ``dropout`` as in LoRA. ``svd_iters=None`` takes a
+    full SVD; an integer a randomized SVD with that many power iterations and
+    ``r + svd_oversample`` sketch columns (:mod:`lora_jax.variants._svd`). ``niter`` /
+    ``oversample`` are their deprecated names (configs saved before still restore)."""
 
     name = "pissa"
     peft_codec = RESIDUAL_PEFT_CODEC
-    niter: int | None = None
-    oversample: int = 8
+    svd_iters: int | None = None
+    svd_oversample: int = 8
+    niter: int | None = renamed("svd_iters")
+    oversample: int = renamed("svd_oversample")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.niter is not None and (not isinstance(self.niter, int) or self.niter < 0):
-            raise ValueError(f"pissa: niter={self.niter!r} must be None (full SVD) or an integer >= 0")
-        check_oversample(self.name, "oversample", self.oversample)
+        check_svd_fields(self, move_renamed(self))
 
     def build(self, target: Target, *, seed: int) -> PiSSA:
         check_rank(self.name, self.r, target)
-        w = dense_kernel(self.name, target, self.dtype)
-        if self.niter is None:
-            u, s, vh = top_r_svd(w, self.r)
-        else:
-            u, s, vh = randomized_svd(w, self.r, niter=self.niter, key=target.key(seed), oversample=self.oversample)
+        w = target.kernel_matrix(self.name, self.dtype)
+        u, s, vh = top_r_factors(w, self.r, self, target.key(seed))
         root = jnp.sqrt(s / self.scale)  # s cancels in W_res; it only sets the size of A and B
         return PiSSA(target, self, u * root[..., None, :], root[..., :, None] * vh, seed=seed)
 
 
-class PiSSA(Adapter):
+class PiSSA(LowRankAdapter):
     """LoRA on the residual of a frozen init ``(A0, B0)``; OLoRA reuses it with a QR init."""
 
     def __init__(self, target: Target, config: PiSSAConfig, a0: Array, b0: Array, *, seed: int):
@@ -89,7 +86,7 @@ class PiSSA(Adapter):
         self.lora_a, self.lora_b = self.variable(AdapterParam, a0, "i-"), self.variable(AdapterParam, b0, "-o")
         self.base_a, self.base_b = self.variable(AdapterState, a0, "i-"), self.variable(AdapterState, b0, "-o")
         key = jax.random.fold_in(target.key(seed), 1)  # not the randomized SVD's key
-        self.dropout = nnx.Dropout(config.dropout, rngs=nnx.Rngs(dropout=key)) if config.dropout else None
+        self.init_dropout(config.dropout, key)
 
     def lora_factors(self) -> tuple[Float[Array, "*batch d_in r2"], Float[Array, "*batch r2 d_out"]]:
         """``(A', B')`` of rank 2r with ``A' B' = A B - A0 B0``, zero blocks at init."""
@@ -98,9 +95,7 @@ class PiSSA(Adapter):
 
     def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:
         y = call_base(x)
-        h = x.astype(self.dtype)
-        if self.dropout is not None:
-            h = self.dropout(h)
+        h = self.adapter_input(x)
         a, b = self.lora_factors()
         h = self.project_in(h, a) * (self.alpha_for("hidden", x.ndim) * self.config.scale)
         return y + self.project_out(h, b, x.ndim).astype(y.dtype)
@@ -112,12 +107,13 @@ class PiSSA(Adapter):
 
 def to_lora(adapter: PiSSA) -> LoRA:
     """The same layer as a plain rank-2r LoRA on the original kernel (``B0 A0`` folded in),
-    for tools that only know LoRA; scale, dropout and alpha are kept."""
-    config, target = adapter.config, Target("to_lora", adapter.base, adapter.info, adapter.spec)
+    for tools that only know LoRA; scale, dropout rate and alpha are kept. The factors are
+    :meth:`PiSSA.lora_factors`, built directly (no random init to overwrite)."""
+    config = adapter.config
     r2 = 2 * config.r
     lora_config = LoRAConfig(r=r2, lora_alpha=config.scale * r2, dropout=config.dropout, dtype=config.dtype)
-    lora = LoRA(target, lora_config, seed=0)
-    a, b = adapter.lora_factors()
-    lora.lora_a.value, lora.lora_b.value = a, b
+    # The path only seeds the LoRA's dropout stream; the adapter does not know its own.
+    target = Target("", adapter.base, adapter.info, adapter.spec)
+    lora = LoRA(target, lora_config, seed=0, factors=adapter.lora_factors())
     lora.alpha.value = adapter.alpha[...]
     return lora

@@ -31,6 +31,7 @@ from jaxtyping import Array
 
 from lora_jax.adapter import Adapter, AdapterParam, Target, VariantConfig
 from lora_jax.rotations import road_apply, road_columns, road_inverse
+from lora_jax.validation import is_int
 
 _SIZES = {"road_1": 0.5, "road_2": 1, "road_4": 2}  # parameters per output feature
 
@@ -48,7 +49,7 @@ class ROADConfig(VariantConfig):
         if self.kind not in _SIZES:
             raise ValueError(f"road: kind={self.kind!r} must be one of {sorted(_SIZES)}")
         g = self.group_size
-        if not isinstance(g, int) or isinstance(g, bool) or g <= 0 or g % 2:
+        if not is_int(g) or g <= 0 or g % 2:
             raise ValueError(
                 f"road: group_size={g!r} must be a positive even integer (each group is split "
                 "into two halves that rotate against each other)"

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from lora_jax.models.gguf import _param_path, _read, _unpermute_rotary, load_gguf
+from lora_jax.paths import dotted
 from lora_jax.quant.formats import Int4, QuantFormat, Quantized
 from lora_jax.quant.layer import quantize, quantized_layers
 
@@ -90,5 +91,5 @@ def _linear_paths(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
             continue
         info = describe(module)
         if info is not None and info.kind == "einsum":
-            out.append((".".join(str(p) for p in parts), module))
+            out.append((dotted(parts), module))
     return out

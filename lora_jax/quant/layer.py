@@ -40,6 +40,7 @@ from jaxtyping import Array
 from lora_jax.adapter import Adapter
 from lora_jax.einsum_spec import EinsumSpec
 from lora_jax.layer_kinds import describe
+from lora_jax.paths import dotted, replace_module
 from lora_jax.quant.formats import QuantFormat, Quantized
 from lora_jax.views import ViewInfo, register_view
 
@@ -207,7 +208,7 @@ register_view(QuantizedLayer, _view)
 def _select(model: nnx.Module, pattern: str, exclude: tuple[str, ...]) -> list[tuple[tuple[Any, ...], ViewInfo]]:
     found = []
     for parts, module in nnx.iter_modules(model):
-        path = ".".join(str(p) for p in parts)
+        path = dotted(parts)
         if isinstance(module, Adapter):
             raise ValueError(f"quantize: {path!r} already carries an adapter; quantize the base first, then adapt")
         if isinstance(module, QuantizedLayer) or not parts:
@@ -228,16 +229,6 @@ def _select(model: nnx.Module, pattern: str, exclude: tuple[str, ...]) -> list[t
     return found
 
 
-def _replace(model: nnx.Module, parts: tuple[Any, ...], new: nnx.Module) -> None:
-    parent: Any = model
-    for p in parts[:-1]:
-        parent = parent[p] if isinstance(parent, nnx.List | nnx.Dict | list | dict) else getattr(parent, p)
-    if isinstance(parent, nnx.List | nnx.Dict | list | dict):
-        parent[parts[-1]] = new
-    else:
-        setattr(parent, parts[-1], new)
-
-
 def quantize(model: M, fmt: QuantFormat, *, pattern: str = ".", exclude: tuple[str, ...] = ()) -> M:
     """A copy of ``model`` whose einsum-view layers matching ``pattern`` (regex on the
     dotted path) and no ``exclude`` are :class:`QuantizedLayer` in ``fmt``. Embeddings,
@@ -254,20 +245,20 @@ def quantize(model: M, fmt: QuantFormat, *, pattern: str = ".", exclude: tuple[s
         module = new
         for p in parts:
             module = module[p] if isinstance(module, nnx.List | nnx.Dict | list | dict) else getattr(module, p)
-        path = ".".join(str(p) for p in parts)
+        path = dotted(parts)
         try:
             built.append((parts, QuantizedLayer(module, info, fmt)))
         except ValueError as err:
             raise ValueError(f"{path!r}: {err}") from None
     for parts, layer in built:
-        _replace(new, parts, layer)
+        replace_module(new, parts, layer)
     return new
 
 
 def quantized_layers(model: nnx.Module) -> list[tuple[str, QuantizedLayer]]:
     """``(dotted path, layer)`` of every quantized layer, also the bases inside adapters."""
     found = nnx.iter_modules(model)
-    return [(".".join(str(p) for p in parts), m) for parts, m in found if isinstance(m, QuantizedLayer)]
+    return [(dotted(parts), m) for parts, m in found if isinstance(m, QuantizedLayer)]
 
 
 def dequantize(model: M) -> M:
@@ -276,10 +267,10 @@ def dequantize(model: M) -> M:
     new = nnx.clone(model)
     for parts, module in list(nnx.iter_modules(new)):
         if isinstance(module, Adapter):
-            raise ValueError(f"dequantize: {'.'.join(map(str, parts))!r} carries an adapter; merge_adapters first")
+            raise ValueError(f"dequantize: {dotted(parts)!r} carries an adapter; merge_adapters first")
     for parts, module in list(nnx.iter_modules(new)):
         if isinstance(module, QuantizedLayer):
-            _replace(new, parts, module.float_layer())
+            replace_module(new, parts, module.float_layer())
     return new
 
 

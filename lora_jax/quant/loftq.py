@@ -75,7 +75,7 @@ def loftq(
     bad = [type(rule.variant).__name__ for rule in cfg.rules if type(rule.variant) is not LoRAConfig]
     if bad:
         raise ValueError(f"loftq initialises plain LoRA only; the config has rules of {bad}: use LoRAConfig")
-    floats = {t.path: t.kernel_matrix(jnp.float32) for t, _ in find_targets(model, cfg)}
+    floats = {t.path: t.kernel_matrix("loftq", jnp.float32) for t, _ in find_targets(model, cfg)}
     qmodel = quantize(model, fmt, pattern=pattern, exclude=exclude)
     adapted = apply_adapters(qmodel, cfg)
     adapters = dict(iter_adapters(adapted))

@@ -19,6 +19,7 @@ from typing import TypeVar
 import jax.numpy as jnp
 from flax import nnx
 
+from lora_jax.paths import dotted
 from lora_jax.quant.layer import QuantizedLayer
 from lora_jax.stacked import merged_arrays
 from lora_jax.surgery import iter_adapters, merge_adapters
@@ -66,7 +67,7 @@ def merge_quantized(model: M, *, keep_float: bool = False) -> tuple[M, list[Merg
             if isinstance(adapter.base, QuantizedLayer):
                 adapter.base = adapter.base.float_layer()
     merged = merge_adapters(source)
-    stored = {".".join(str(p) for p in parts): m for parts, m in nnx.iter_modules(merged)}
+    stored = {dotted(parts): m for parts, m in nnx.iter_modules(merged)}
     reports = []
     for path, (w_q, w_merged, kernel_name) in exact.items():
         layer = stored[path]

@@ -53,7 +53,7 @@ def bench_variant_configs() -> dict[str, lj.VariantConfig]:
     """Forward-benchmark configs: every variant that can be built from a config alone
     (EVA without calibration data is a LoRA with a random A: the same forward cost)."""
     configs = {}
-    for name, cls in sorted(lj.VARIANTS.items()):
+    for name, cls in sorted(lj.variants.VARIANTS.items()):
         fields = {f.name for f in dataclasses.fields(cls)}
         configs[name] = cls(**({"r": RANK} if "r" in fields else {}))
     return configs

@@ -49,8 +49,9 @@ from lora_jax.models import (
     tiny_config,
     to_hf_name,
 )
-from lora_jax.peft_format import CODECS, export_peft
+from lora_jax.peft import CODECS, export_peft
 from lora_jax.progress import Progress
+from lora_jax.variants import VARIANTS
 
 CORPUS = Path(__file__).with_name("data") / "tiny_corpus.txt"
 INSTRUCTIONS = Path(__file__).with_name("data") / "instructions.json"
@@ -60,7 +61,7 @@ QUANT_FORMATS = {"int8": quant.Int8(), "int4": quant.Int4(), "nf4": quant.NF4()}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variant", default="lora", choices=sorted(lj.VARIANTS), help="adapter method (default config)")
+    p.add_argument("--variant", default="lora", choices=sorted(VARIANTS), help="adapter method (default config)")
     p.add_argument("--pattern", default=DEFAULT_PATTERN, help="regex on module paths to adapt")
     p.add_argument("--model", default=None, help="local HF checkpoint directory (default: built-in tiny model)")
     p.add_argument(
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
     chat = data.suffix == ".json"
 
     try:
-        variant = lj.VARIANTS[args.variant]()
+        variant = VARIANTS[args.variant]()
     except TypeError as err:
         raise SystemExit(f"variant {args.variant!r} has required options, so it has no default config: {err}") from err
     adapter_config = lj.AdapterConfig(rules=(lj.Rule(pattern=args.pattern, variant=variant),), seed=args.seed)

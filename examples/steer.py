@@ -125,13 +125,16 @@ def direction_sign(model, data, ref, *, first: int, hidden_layer: int) -> float:
     by the ordering hinge on the openers' log-prob gap, which need not match the sentiment
     of generated text; this fixes the sign from the training pairs, before any evaluation."""
 
+    # The arrays are arguments, not closed-over constants: XLA would constant-fold the
+    # mask's position arithmetic at compile time (seconds, with a slow-operation warning).
     @nnx.jit
-    def moved(m):
+    def moved(m, prefix, mask, last3, ref_hidden):
         set_alpha(m, 1.0)
-        hidden = m.blocks(ref["prefix"], data["mask"], first, hidden_layer + 1)
-        return jnp.take_along_axis(hidden, data["last3"][..., None], axis=1) - ref["ref_hidden"]
+        hidden = m.blocks(prefix, mask, first, hidden_layer + 1)
+        return jnp.take_along_axis(hidden, last3[..., None], axis=1) - ref_hidden
 
-    return 1.0 if float((moved(model) @ steering_vector(ref)).mean()) >= 0 else -1.0
+    shift = moved(model, ref["prefix"], data["mask"], data["last3"], ref["ref_hidden"])
+    return 1.0 if float((shift @ steering_vector(ref)).mean()) >= 0 else -1.0
 
 
 def settings_setter(vector_module: AddVector | None):

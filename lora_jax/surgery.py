@@ -232,7 +232,9 @@ def apply_adapters(model: M, cfg: AdapterConfig) -> M:
 
 
 def set_alpha(model: nnx.Module, value: Any, *, pattern: str | None = None) -> int:
-    """Set alpha in place on all adapters, or on those whose path matches ``pattern``.
+    """Set alpha in place on a model's adapters (all, or those whose path matches
+    ``pattern``); returns how many it set. The pure form, a new ``nnx.State`` from a
+    state inside ``jax.jit`` / ``jax.vmap``, is :func:`lora_jax.transforms.set_alpha`.
 
     ``value`` is a scalar, or one value per input row (shape ``(batch,)``; a call with a
     batch of another size raises). Changing the value never recompiles a jitted function;
@@ -242,6 +244,11 @@ def set_alpha(model: nnx.Module, value: Any, *, pattern: str | None = None) -> i
     ``l ** alpha``, ROAD's magnitude ``|m| ** alpha``) overflow float32 to inf once
     ``|alpha log l|`` passes about 88, which is the math, not a bug; steer within a few units.
     """
+    if not isinstance(model, nnx.Module):
+        raise TypeError(
+            f"set_alpha takes a model (nnx.Module), got {type(model).__name__}; "
+            "for an nnx.State use lora_jax.transforms.set_alpha, which returns a new state"
+        )
     alpha = as_alpha(value)
     selected = select(iter_adapters(model), pattern, caller="set_alpha")
     for _, adapter in selected:

@@ -52,11 +52,17 @@ def adapter_state(state: nnx.State) -> nnx.State:
 
 
 def set_alpha(state: nnx.State, value: ArrayLike, *, pattern: str | None = None) -> nnx.State:
-    """Alpha set to ``value`` (a scalar or one value per input row) on all adapters or
-    those whose path matches ``pattern``. A concrete NaN or inf is refused; under
+    """A new state with alpha set to ``value`` (a scalar or one value per input row) on
+    all adapters or those whose path matches ``pattern``; ``state`` is not changed. The
+    in-place form on a model is :func:`lora_jax.set_alpha`. A concrete NaN or inf is refused; under
     ``jax.jit`` / ``jax.vmap`` the value is traced and cannot be checked. A stacked adapter
     (:mod:`lora_jax.stacked`) stores it once per layer times its ``LayerMask``, found
     beside its alpha."""
+    if not isinstance(state, nnx.State):
+        raise TypeError(
+            f"transforms.set_alpha takes an nnx.State, got {type(state).__name__}; "
+            "for a model use lora_jax.set_alpha, which sets alpha in place"
+        )
     alpha = as_alpha(value)
     chosen = _alpha_paths(state, pattern, "set_alpha")
     masks = {path[:-1]: var[...] for path, var in nnx.to_flat_state(state) if isinstance(var, LayerMask)}

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (once) and install lora_jax with its test and interop extras.
+# Create .venv (once) and install lora_jax with its test extra (interop, examples and docs included).
 # Sourced by scripts/demo.sh and scripts/test.sh; safe to run again (pip skips what is there).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

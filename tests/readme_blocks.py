@@ -1,6 +1,6 @@
-"""README.md's fenced code blocks: find them, and run the ```python ones.
+"""The fenced code blocks of README.md and the docs pages: find them, and run the ```python ones.
 
-    python tests/readme_blocks.py README.md --report out.json [--line N]
+    python tests/readme_blocks.py README.md docs/guides/steering.md ... --report out.json [--line N]
 
 Rule: every ```python block runs alone, in a fresh namespace, as a reader who copies it
 into a file would run it; no block depends on another. The runner executes them one
@@ -20,7 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-FENCE = re.compile(r"^```\s*([\w+-]*)\s*$")
+FENCE = re.compile(r"^```\s*(\S*)")  # the language, or a MyST directive such as {toctree}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,13 +29,14 @@ class CodeBlock:
     code: str
     line: int  # 1-based line of the first code line
     heading: str  # the nearest heading above it
+    source: str = "README.md"  # the markdown file, as the report names it
 
     @property
     def where(self) -> str:
-        return f"README.md:{self.line} ({self.heading})"
+        return f"{self.source}:{self.line} ({self.heading})"
 
 
-def code_blocks(text: str) -> list[CodeBlock]:
+def code_blocks(text: str, source: str = "README.md") -> list[CodeBlock]:
     """Every fenced block of a markdown text, in order. An unclosed fence raises ValueError."""
     blocks, heading, lang, start, body = [], "(top)", None, 0, []
     for i, line in enumerate(text.splitlines(), start=1):
@@ -46,12 +47,12 @@ def code_blocks(text: str) -> list[CodeBlock]:
             elif line.startswith("#"):
                 heading = line.lstrip("#").strip()
         elif line.strip() == "```":
-            blocks.append(CodeBlock(lang, "\n".join(body) + "\n", start, heading))
+            blocks.append(CodeBlock(lang, "\n".join(body) + "\n", start, heading, source))
             lang = None
         else:
             body.append(line)
     if lang is not None:
-        raise ValueError(f"README.md:{start - 1}: a ```{lang} fence is never closed")
+        raise ValueError(f"{source}:{start - 1}: a ```{lang} fence is never closed")
     return blocks
 
 
@@ -63,6 +64,7 @@ def run_block(block: CodeBlock) -> dict:
     except BaseException:  # SystemExit too: a block must run to its end
         error = traceback.format_exc(limit=-8)
     return {
+        "file": block.source,
         "line": block.line,
         "heading": block.heading,
         "seconds": time.perf_counter() - start,
@@ -73,11 +75,11 @@ def run_block(block: CodeBlock) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("readme")
+    p.add_argument("markdown", nargs="+", help="README.md and / or docs pages")
     p.add_argument("--report", required=True, help="JSON file for the per-block results")
-    p.add_argument("--line", type=int, default=None, help="run only the block starting at this line")
+    p.add_argument("--line", type=int, default=None, help="run only the block starting at this line (of each file)")
     args = p.parse_args(argv)
-    blocks = [b for b in code_blocks(Path(args.readme).read_text()) if b.lang == "python"]
+    blocks = [b for path in args.markdown for b in code_blocks(Path(path).read_text(), path) if b.lang == "python"]
     if args.line is not None:
         blocks = [b for b in blocks if b.line == args.line]
     results = []

@@ -7,9 +7,15 @@ first failure. ``python tests/sharded_checks.py`` runs them by hand.
 
 from __future__ import annotations
 
+import functools
 import os
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+# 8 simulated devices. The models are tiny, so XLA's backend optimizations cost more
+# compile time than they save (as in test_readme); the sharding logic is unaffected.
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + (
+    " --xla_force_host_platform_device_count=8"
+    " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+)
 
 import jax
 import jax.numpy as jnp
@@ -108,15 +114,29 @@ ANTIPASTO = lj.AdapterConfig(
 )
 
 
+CONFIGS = {"lora": (CFG, "lora_b"), "antipasto": (ANTIPASTO, "vh")}
+
+
+@functools.cache
+def trained(cfg_name: str):
+    """Five adam steps on one device and on the 4 x 2 mesh: (the sharded model, its losses,
+    the one-device losses). Cached: the checkpoint check saves the trained AntiPaSTO model
+    instead of compiling a training step of its own."""
+    cfg, sharded_leaf = CONFIGS[cfg_name]
+    with nnx.use_eager_sharding(False):  # the same annotated model, on one device
+        single_model = lj.apply_adapters(Model(), cfg)
+    assert len(getattr(single_model.layers[0].up_proj, sharded_leaf)[...].devices()) == 1
+    single = train(single_model)
+    with jax.set_mesh(MESH):
+        sharded_model = lj.apply_adapters(Model(), cfg)
+        sharded = train(sharded_model, shard_data=NamedSharding(MESH, P("data")))
+    return sharded_model, sharded, single
+
+
 def check_sharded_training_matches_single_device():
-    for cfg, sharded_leaf in ((CFG, "lora_b"), (ANTIPASTO, "vh")):
-        with nnx.use_eager_sharding(False):  # the same annotated model, on one device
-            single_model = lj.apply_adapters(Model(), cfg)
-        assert len(getattr(single_model.layers[0].up_proj, sharded_leaf)[...].devices()) == 1
-        single = train(single_model)
+    for cfg_name, (cfg, sharded_leaf) in CONFIGS.items():
+        sharded_model, sharded, single = trained(cfg_name)
         with jax.set_mesh(MESH):
-            sharded_model = lj.apply_adapters(Model(), cfg)
-            sharded = train(sharded_model, shard_data=NamedSharding(MESH, P("data")))
             # the base stays sharded; the adapter's output-side factor is sharded like it
             assert sharded_model.layers[0].up_proj.base.kernel[...].sharding.spec == P(None, "model")
             leaf = getattr(sharded_model.layers[0].up_proj, sharded_leaf)[...]
@@ -150,10 +170,9 @@ def check_checkpoint_saved_on_4x2_restores_on_2x1():
         np.array(jax.devices()[:2]).reshape(2, 1), ("data", "model"), axis_types=(AxisType.Auto, AxisType.Auto)
     )
     x = data(0)[0]
+    model = trained("antipasto")[0]  # outside the mesh: trained() builds its one-device model too
     with tempfile.TemporaryDirectory() as tmp:
         with jax.set_mesh(MESH):
-            model = lj.apply_adapters(Model(), ANTIPASTO)
-            train(model, steps=3)
             expect = np.asarray(model(x))
             saved = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, lj.AdapterParam)))
             save(f"{tmp}/ckpt", model)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import Wrap
 
 from lora_jax import AdapterConfig, LoRAConfig, Rule, apply_adapters
 from lora_jax.calibrate import collect_statistics
@@ -62,21 +63,14 @@ def test_mean_of_rows_matches_numpy_with_padding_mask():
 def test_rows_are_the_kernel_matrix_inputs(layout):
     layer, x = layout.build(seed=1)
 
-    class Wrap(nnx.Module):
-        def __init__(self, inner):
-            self.inner = inner
-
-        def __call__(self, x):
-            return self.inner(x)
-
     model = Wrap(layer)
-    stats = collect_statistics(model, [x, 2 * x], paths=["inner"], init=_sums_init, update=_sums_update)
+    stats = collect_statistics(model, [x, 2 * x], paths=["layer"], init=_sums_init, update=_sums_update)
     from lora_jax.views import spec_of, view_of
 
     spec = spec_of(layer, view_of(layer))
     rows = np.asarray(spec.in_to_matrix(x)).reshape(*spec.batch_shape, -1, spec.d_in)
-    np.testing.assert_allclose(np.asarray(stats["inner"]["sum"]), 3 * rows.sum(-2), rtol=1e-5, atol=1e-5)
-    assert float(stats["inner"]["count"]) == 2 * rows.shape[-2]
+    np.testing.assert_allclose(np.asarray(stats["layer"]["sum"]), 3 * rows.sum(-2), rtol=1e-5, atol=1e-5)
+    assert float(stats["layer"]["count"]) == 2 * rows.shape[-2]
 
 
 def test_caller_model_untouched_and_adapters_recorded():

@@ -15,10 +15,12 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from helpers import perturb as move_adapters
 
-from lora_jax import VARIANTS, AdapterConfig, AdapterParam, LoRAConfig, Rule, apply_adapters, iter_adapters, set_alpha
+from lora_jax import AdapterConfig, AdapterParam, LoRAConfig, Rule, apply_adapters, iter_adapters, set_alpha
 from lora_jax.adapter import ADAPTER_VARIABLES
 from lora_jax.checkpoint import CheckpointError, TrainCheckpointer, restore, save
+from lora_jax.variants import VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,11 +42,7 @@ def lora_cfg(seed=0, r=4, dropout=0.0):
 
 def perturb(model, seed=1):
     """Move every adapter weight away from its init, as training would."""
-    state = nnx.state(model, AdapterParam)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    new = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]
-    nnx.update(model, jax.tree.unflatten(treedef, new))
+    move_adapters(model, 0.1, seed)
 
 
 def snapshot(model):

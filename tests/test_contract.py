@@ -24,6 +24,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import Wrap, max_rel_err, perturb
 from layers import LAYOUT_IDS, LAYOUTS
 
 import lora_jax as lj
@@ -74,33 +75,11 @@ CASES: dict[str, Case] = {
 }
 
 
-class Wrap(nnx.Module):
-    def __init__(self, layer):
-        self.layer = layer
-
-    def __call__(self, x):
-        return self.layer(x)
-
-
 def _adapt(case: Case, model, x):
     cfg = lj.AdapterConfig(rules=(lj.Rule(pattern=".*", variant=case.config),))
     if case.adapt is not None:
         return case.adapt(model, cfg, x)
     return lj.apply_adapters(model, cfg)
-
-
-def _perturb(model, scale: float, seed: int = 7) -> None:
-    """Move every trainable adapter leaf away from its init (in place)."""
-    state = nnx.state(model, lj.AdapterParam)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    moved = [leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys, strict=True)]
-    nnx.update(model, jax.tree.unflatten(treedef, moved))
-
-
-def _rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
 def _usable(case_name: str, layout_name: str) -> None:
@@ -122,7 +101,7 @@ def test_identity_at_init(name, layout, dtype):
     if case.bit_exact_init:
         np.testing.assert_array_equal(np.asarray(y), np.asarray(y0))
     else:
-        assert _rel_err(y, y0) < (1e-6 if dtype == jnp.float32 else 1e-2)
+        assert max_rel_err(y, y0) < (1e-6 if dtype == jnp.float32 else 1e-2)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
@@ -134,8 +113,8 @@ def test_alpha_zero_is_base_bit_for_bit(name, layout, dtype):
     layer, x = layout.build(dtype=dtype)
     base = Wrap(layer)
     adapted = _adapt(case, base, x)
-    _perturb(adapted, case.perturb)
-    assert _rel_err(adapted(x), base(x)) > 0, "perturbed adapter should change the output"
+    perturb(adapted, case.perturb, seed=7)
+    assert max_rel_err(adapted(x), base(x)) > 0, "perturbed adapter should change the output"
     lj.set_alpha(adapted, 0.0)
     y = adapted(x)
     assert y.dtype == base(x).dtype
@@ -162,8 +141,8 @@ def test_identity_and_alpha_zero_under_jit(name, layout, dtype):
     if case.bit_exact_init:
         np.testing.assert_array_equal(np.asarray(y), np.asarray(y0), err_msg="identity at init under jit")
     else:
-        assert _rel_err(y, y0) < (1e-6 if dtype == jnp.float32 else 1e-2)
-    _perturb(adapted, case.perturb)
+        assert max_rel_err(y, y0) < (1e-6 if dtype == jnp.float32 else 1e-2)
+    perturb(adapted, case.perturb, seed=7)
     lj.set_alpha(adapted, 0.0)  # same graph as above: the compiled call is reused
     np.testing.assert_array_equal(np.asarray(_jit_call(adapted, x)), np.asarray(y0), err_msg="alpha=0 under jit")
 
@@ -176,10 +155,10 @@ def test_merge_equals_unmerged(name, layout, alpha):
     case = CASES[name]
     layer, x = layout.build()
     adapted = _adapt(case, Wrap(layer), x)
-    _perturb(adapted, case.perturb)
+    perturb(adapted, case.perturb, seed=7)
     lj.set_alpha(adapted, alpha)
     merged = lj.merge_adapters(adapted)
-    assert _rel_err(merged(x), adapted(x)) < 1e-5
+    assert max_rel_err(merged(x), adapted(x)) < 1e-5
     assert type(merged.layer) is type(layer)
     assert not any(isinstance(m, lj.Adapter) for _, m in nnx.iter_modules(merged))
     assert list(lj.iter_adapters(adapted)), "merge must not touch the adapted model"
@@ -201,7 +180,7 @@ def test_training_moves_only_adapters_and_fits_toy_task(name):
     x = jax.random.normal(jax.random.key(1), (8, 6, 12))
     base = MLP(nnx.Rngs(0))
     teacher = _adapt(case, base, x)
-    _perturb(teacher, 4 * case.perturb, seed=11)
+    perturb(teacher, 4 * case.perturb, seed=11)
     target = teacher(x)
     model = _adapt(case, base, x)
     base_before = jax.tree.map(np.asarray, nnx.state(model, nnx.Not(lj.AdapterParam)))
@@ -244,7 +223,7 @@ def test_checkpoint_round_trip_is_bit_exact(name, tmp_path):
     case = CASES[name]
     x = jax.random.normal(jax.random.key(1), (2, 3, 12))
     model = _adapt(case, MLP(nnx.Rngs(0)), x)
-    _perturb(model, case.perturb)
+    perturb(model, case.perturb, seed=7)
     lj.set_alpha(model, 0.5, pattern="heads")
     fresh = MLP(nnx.Rngs(0))  # restore rebuilds the adapters (without calibration data) and loads them
     restored = restore(save(tmp_path / name, model), fresh)

@@ -148,10 +148,10 @@ def test_rank_redistribution_rank_zero_and_alpha():
     batches = _branch_batches()
     plan = lj.eva_plan(model, cfg, batches, forward=lambda m, b: m(b))
     adapted = lj.apply_eva_plan(model, plan)
-    assert isinstance(adapted.a, lj.EVA) and adapted.a.config.r == 4 and adapted.a.config.lora_alpha == 12.0
+    assert isinstance(adapted.a, lj.variants.EVA) and adapted.a.config.r == 4 and adapted.a.config.lora_alpha == 12.0
     assert adapted.a.config.scale == cfg.rules[0].variant.scale
     assert isinstance(adapted.b, nnx.Linear), "rank 0: the layer stays unadapted"
-    assert isinstance(adapted.c, lj.LoRA) and not isinstance(adapted.c, lj.EVA)
+    assert isinstance(adapted.c, lj.variants.LoRA) and not isinstance(adapted.c, lj.variants.EVA)
     np.testing.assert_array_equal(adapted.a.lora_a[...], plan.components["a"])
     assert lj.AdapterConfig.from_json(plan.config.to_json()) == plan.config
     rebuilt = lj.apply_adapters(model, plan.config)  # what a checkpoint restore starts from

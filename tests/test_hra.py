@@ -26,11 +26,11 @@ from lora_jax import (
     HRAConfig,
     Rule,
     apply_adapters,
-    hra_orthogonality_penalty,
     merge_adapters,
     set_alpha,
 )
 from lora_jax.rotations import hra_rotation
+from lora_jax.variants import hra_orthogonality_penalty
 
 R = 4
 

@@ -16,16 +16,15 @@ from peft_helpers import (
     inputs,
 )
 
-from lora_jax import AdapterConfig, IA3Config, IA3FFConfig, Rule, apply_adapters, merge_adapters, set_alpha
+from lora_jax import IA3Config, IA3FFConfig, iter_adapters, merge_adapters, set_alpha
+from lora_jax.peft_format import import_peft
 from lora_jax.rotations import gate_power
 
 
-def peft_and_ours():
+def peft_and_ours(tmp_path):
+    """PEFT's IA3 on ``up`` and IA3-FF on ``down`` with non-identity gates, and ours loaded
+    from PEFT's saved adapter through ``import_peft``."""
     torch_model = TorchMLP()
-    ours = apply_adapters(
-        FlaxMLP(torch_model),
-        AdapterConfig(rules=(Rule(pattern="up", variant=IA3Config()), Rule(pattern="down", variant=IA3FFConfig()))),
-    )
     peft_model = get_peft_model(
         copy.deepcopy(torch_model),
         PeftIA3Config(target_modules=["up", "down"], feedforward_modules=["down"]),
@@ -37,20 +36,22 @@ def peft_and_ours():
         value = (1 + 0.5 * rng.standard_normal(gate.shape)).astype(np.float32)
         with torch.no_grad():
             gate.copy_(torch.from_numpy(value))
-        getattr(ours, name).ia3_l.value = jnp.asarray(value.reshape(-1))
+    peft_model.save_pretrained(tmp_path)
+    ours = import_peft(tmp_path, FlaxMLP(torch_model), hf_name=lambda path: path)
+    assert {p: type(a.config) for p, a in iter_adapters(ours)} == {"up": IA3Config, "down": IA3FFConfig}
     return peft_model, ours
 
 
-def test_ia3_and_ia3_ff_match_peft_forward_and_merge():
-    peft_model, ours = peft_and_ours()
+def test_ia3_and_ia3_ff_match_peft_forward_and_merge(tmp_path):
+    peft_model, ours = peft_and_ours(tmp_path)
     assert peft_model.base_model.model.down.is_feedforward and not peft_model.base_model.model.up.is_feedforward
     assert_forward_matches(peft_model, ours)
     # up: kernel columns and bias gated; down: kernel rows gated, bias untouched
     assert_merged_matches(peft_model.merge_and_unload(), merge_adapters(ours))
 
 
-def test_ia3_alpha_minus_one_is_the_inverse_gate():
-    _, ours = peft_and_ours()
+def test_ia3_alpha_minus_one_is_the_inverse_gate(tmp_path):
+    _, ours = peft_and_ours(tmp_path)
     x = jnp.asarray(inputs())
     h = jnp.tanh(x @ jnp.ones((8, 12)))  # some input for the down layer
     set_alpha(ours, -1.0)

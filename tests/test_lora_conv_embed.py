@@ -13,6 +13,7 @@ import optax
 import pytest
 import torch
 from flax import nnx
+from helpers import Wrap
 from peft import LoraConfig, get_peft_model
 from peft_helpers import assert_rel_close
 
@@ -20,14 +21,6 @@ import lora_jax as lj
 from lora_jax.layer_kinds import conv_with_kernel
 
 R, C_IN, C_OUT = 3, 4, 5
-
-
-class Wrap(nnx.Module):
-    def __init__(self, layer):
-        self.layer = layer
-
-    def __call__(self, x):
-        return self.layer(x)
 
 
 def _lora(pattern="layer", **kw):
@@ -290,7 +283,7 @@ class ConvEmbed(nnx.Module):
 def test_conv_and_embed_peft_files_both_ways(tmp_path):
     from peft import PeftModel
 
-    from lora_jax.peft_format import export_peft, import_peft
+    from lora_jax.peft import export_peft, import_peft
 
     torch.manual_seed(0)
     torch_base = TorchConvEmbed()
@@ -316,11 +309,11 @@ def test_conv_and_embed_peft_files_both_ways(tmp_path):
     assert_rel_close(back(jnp.asarray(ids)), expected)
 
 
-def test_registered_view_cannot_claim_the_conv_kind():
+def test_registered_view_cannot_claim_the_conv_kind(register_view):
     class FakeConv(nnx.Module):
         def __init__(self):
             self.w = nnx.Param(jnp.ones((3, 4, 5)))
 
-    lj.register_view(FakeConv, lambda m: lj.ViewInfo("...ai,aio->...o", kernel="w", kind="conv"))
+    register_view(FakeConv, lambda m: lj.ViewInfo("...ai,aio->...o", kernel="w", kind="conv"))
     with pytest.raises(ValueError, match="'layer' is a FakeConv whose view says kind 'conv'"):
         lj.apply_adapters(Wrap(FakeConv()), _lora(r=2))

@@ -72,7 +72,7 @@ def _nudge(model, scale=0.2, seed=1):
 def test_model_that_reads_its_layers_runs_adapted_jitted_and_merged():
     base = Stack()
     model = lj.apply_adapters(base, PROJ)
-    assert isinstance(model.layers[0].o_proj, lj.LoRA)
+    assert isinstance(model.layers[0].o_proj, lj.variants.LoRA)
     np.testing.assert_array_equal(model(X), base(X))  # identity at init, eager
     _nudge(model)
     jitted = nnx.jit(lambda m, x: m(x))(model, X)

@@ -12,7 +12,6 @@ import pytest
 from flax import nnx
 
 from lora_jax import (
-    VARIANTS,
     AdapterConfig,
     AdapterParam,
     LoRAConfig,
@@ -22,6 +21,7 @@ from lora_jax import (
     set_alpha,
 )
 from lora_jax.peft_format import CODECS, PeftFormatError, export_peft, import_peft
+from lora_jax.variants import VARIANTS
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")

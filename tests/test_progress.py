@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import lora_jax as lj
+from lora_jax.calibrate import collect_statistics, moments_init, moments_update
 from lora_jax.progress import Progress, default_every
 
 
@@ -119,7 +120,7 @@ def test_calibration_and_svd_init_write_progress_to_a_captured_stderr(monkeypatc
     cfg = lj.AdapterConfig(rules=(lj.Rule(pattern="layers", variant=lj.PiSSAConfig(r=2)),))
     model = lj.apply_adapters(net, cfg)
     batches = [jax.random.normal(jax.random.key(i), (4, 8)) for i in range(3)]
-    lj.collect_statistics(model, batches, paths=["layers.1"], init=lj.moments_init, update=lj.moments_update)
+    collect_statistics(model, batches, paths=["layers.1"], init=moments_init, update=moments_update)
     err = capfd.readouterr().err.splitlines()
     assert any(line.startswith("apply_adapters 2/3 layers") for line in err), err
     assert any(line.startswith("apply_adapters 3/3 layers") and "done)" in line for line in err), err

@@ -18,7 +18,7 @@ RANK = 3
 
 def _setup(layout):
     layer, x = layout.build()
-    spec = spec_of(layer, lj.view_of(layer))
+    spec = spec_of(layer, lj.views.view_of(layer))
     k1, k2 = jax.random.split(jax.random.key(0))
     a = jax.random.normal(k1, (*spec.batch_shape, spec.d_in, RANK))
     b = jax.random.normal(k2, (*spec.batch_shape, RANK, spec.d_out))
@@ -64,7 +64,7 @@ def test_custom_backward_equals_autodiff(layout):
 
 def test_custom_backward_keeps_operand_dtypes():
     layer, x = LAYOUTS[0].build()
-    spec = spec_of(layer, lj.view_of(layer))
+    spec = spec_of(layer, lj.views.view_of(layer))
     x = x.astype(jnp.bfloat16)
     a = jnp.ones((spec.d_in, RANK), jnp.float32)
     dx, da = jax.grad(lambda x, a: jnp.sum(project_in(spec, x, a)), argnums=(0, 1))(x, a)

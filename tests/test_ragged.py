@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import perturb
 
 import lora_jax as lj
 from lora_jax.adapter import ADAPTER_VARIABLES
@@ -27,7 +28,11 @@ class RaggedExperts(nnx.Module):
         return jax.lax.ragged_dot(x, self.w[...], group_sizes)
 
 
-register_ragged(RaggedExperts, kernel="w", group_sizes=1)
+@pytest.fixture(autouse=True)
+def _ragged_experts_registered(register_view):
+    """RaggedExperts is adaptable during each test here and not after: the view registry is
+    global (the ``register_view`` fixture restores it)."""
+    register_ragged(RaggedExperts, kernel="w", group_sizes=1)
 
 
 class MoE(nnx.Module):
@@ -53,14 +58,6 @@ def _model_and_input(seed=0):
 CFG = lj.AdapterConfig(rules=(lj.Rule(pattern="up|down", variant=lj.LoRAConfig(r=2, lora_alpha=4)),))
 
 
-def _perturb(model, scale=0.2, seed=5):
-    state = nnx.state(model, lj.AdapterParam)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    moved = [leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys, strict=True)]
-    nnx.update(model, jax.tree.unflatten(treedef, moved))
-
-
 def test_lora_per_expert_equals_a_dense_loop_over_experts():
     layer = RaggedExperts(E, D, F, nnx.Rngs(0))
     holder = nnx.Dict(experts=layer)
@@ -69,7 +66,7 @@ def test_lora_per_expert_equals_a_dense_loop_over_experts():
     lora = adapted["experts"]
     assert isinstance(lora, RaggedLoRA)
     assert lora.lora_a.shape == (E, D, 2) and lora.lora_b.shape == (E, 2, F)
-    _perturb(adapted)
+    perturb(adapted, 0.2, seed=5)
     lj.set_alpha(adapted, 0.7)
     group_sizes = jnp.asarray([5, 0, 12, 7], jnp.int32)  # an expert with no token too
     x = jax.random.normal(jax.random.key(2), (24, D))
@@ -89,7 +86,7 @@ def test_identity_alpha_zero_and_merge():
     base = forward(model, x)
     adapted = lj.apply_adapters(model, CFG)
     np.testing.assert_array_equal(forward(adapted, x), base)
-    _perturb(adapted)
+    perturb(adapted, 0.2, seed=5)
     moved = forward(adapted, x)
     assert not np.allclose(moved, base)
     merged = lj.merge_adapters(adapted)
@@ -130,7 +127,7 @@ def test_same_adapter_as_the_einsum_expert_layer():
     cfg = lj.AdapterConfig(rules=(lj.Rule(pattern=".*", variant=lj.LoRAConfig(r=2)),))
     ragged = lj.apply_adapters(nnx.Dict(l=layer), cfg)["l"]
     padded = lj.apply_adapters(nnx.Dict(l=dense), cfg)["l"]
-    _perturb(ragged)
+    perturb(ragged, 0.2, seed=5)
     padded.lora_a.value, padded.lora_b.value = ragged.lora_a[...], ragged.lora_b[...]
     group_sizes = jnp.asarray([3, 6, 0, 5], jnp.int32)
     x = jax.random.normal(jax.random.key(3), (14, D))
@@ -163,7 +160,7 @@ def test_stacked_ragged_experts_under_scan():
     adapted = lj.apply_adapters(model, CFG)
     assert isinstance(adapted.blocks.up, RaggedLoRA) and adapted.blocks.up.lora_a.shape == (2, E, D, 2)
     np.testing.assert_array_equal(forward(adapted, x), base)
-    _perturb(adapted)
+    perturb(adapted, 0.2, seed=5)
     merged = lj.merge_adapters(adapted)
     np.testing.assert_allclose(forward(merged, x), forward(adapted, x), rtol=1e-5, atol=1e-5)
 

@@ -1,5 +1,5 @@
-"""The README's code runs as written: its blocks are read from README.md itself, so the
-docs and the code cannot drift apart.
+"""The README's and the docs pages' code runs as written: the blocks are read from
+README.md and docs/**/*.md themselves, so the docs and the code cannot drift apart.
 
 - ```python blocks: each runs alone, in a fresh namespace (the rule a reader can rely on:
   copy any one block into a file and it runs), all of them in one subprocess in a
@@ -14,6 +14,7 @@ docs and the code cannot drift apart.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -29,10 +30,12 @@ from readme_blocks import code_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+# README first, then the docs pages in a fixed order (paths relative to ROOT, as reported)
+PAGES = [README.relative_to(ROOT), *sorted(p.relative_to(ROOT) for p in (ROOT / "docs").rglob("*.md"))]
 
 
 def _blocks(lang: str):
-    return [b for b in code_blocks(README.read_text()) if b.lang == lang]
+    return [b for page in PAGES for b in code_blocks((ROOT / page).read_text(), str(page)) if b.lang == lang]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -62,12 +65,13 @@ BLOCK_XLA_FLAGS = (
 
 def test_every_python_block_runs(tmp_path):
     blocks = _blocks("python")
-    assert len(blocks) >= 8, "the README lost its code blocks?"
+    assert len(blocks) >= 8, "the README and docs lost their code blocks?"
     report = tmp_path / "report.json"
     work = tmp_path / "work"
     work.mkdir()
+    runner = [sys.executable, str(ROOT / "tests" / "readme_blocks.py"), *[str(ROOT / p) for p in PAGES]]
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "readme_blocks.py"), str(README), "--report", str(report)],
+        [*runner, "--report", str(report)],
         cwd=work,
         env=_env(XLA_FLAGS=BLOCK_XLA_FLAGS),
         capture_output=True,
@@ -75,8 +79,8 @@ def test_every_python_block_runs(tmp_path):
         timeout=900,
     )
     results = json.loads(report.read_text()) if report.exists() else []
-    failed = [f"README.md:{r['line']} ({r['heading']}):\n{r['error']}" for r in results if r["error"]]
-    rerun = "rerun one block: python tests/readme_blocks.py README.md --report r.json --line N"
+    failed = [f"{r['file']}:{r['line']} ({r['heading']}):\n{r['error']}" for r in results if r["error"]]
+    rerun = "rerun one block: python tests/readme_blocks.py FILE.md --report r.json --line N"
     assert not failed, "\n\n".join([*failed, rerun])
     assert proc.returncode == 0 and len(results) == len(blocks), proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -106,6 +110,8 @@ def _check_command(line: str) -> None:
     tool, *rest = words
     if tool == "bash":
         assert (ROOT / rest[0]).is_file(), f"{line!r}: {rest[0]} does not exist"
+    elif tool in ("python", "python3") and rest[:1] == ["-m"]:
+        assert importlib.util.find_spec(rest[1]) is not None, f"{line!r}: no module {rest[1]!r} is installed"
     elif tool in ("python", "python3"):
         script = rest[0]
         assert (ROOT / script).is_file(), f"{line!r}: {script} does not exist"
@@ -134,5 +140,7 @@ def test_bash_check_catches_a_missing_flag_or_file():
         _check_command("python examples/finetune.py --steps 3 --no-such-flag 1  # comment")
     with pytest.raises(AssertionError, match="scripts/nope.sh does not exist"):
         _check_command("bash scripts/nope.sh")
+    with pytest.raises(AssertionError, match="no module 'no_such_module' is installed"):
+        _check_command("python -m no_such_module --flag")
     with pytest.raises(AssertionError, match="no extra"):
         _check_command("pip install '.[nope]'")

@@ -3,11 +3,11 @@ inverse of alpha=+1, and one alpha per row equals separate scalar runs. (Identit
 merge and training are in tests/test_contract.py.) Adapter weights are moved off their
 init first, so nothing here passes by the adapter being a no-op."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import Wrap, adapt, perturb
 from layers import LAYOUTS
 
 from lora_jax import (
@@ -33,27 +33,9 @@ CONFIGS = {
 }
 
 
-class Holder(nnx.Module):
-    def __init__(self, layer):
-        self.layer = layer
-
-    def __call__(self, x):
-        return self.layer(x)
-
-
 def adapted(layout, variant, seed=0):
     base, x = layout.build(seed)
-    model = apply_adapters(Holder(base), AdapterConfig(rules=(Rule(pattern="layer", variant=variant),)))
-    return Holder(base), model, x
-
-
-def perturb(model, scale=0.3, seed=1):
-    """Move every adapter weight away from its identity init."""
-    state = nnx.state(model, AdapterParam)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    noisy = [v + scale * jax.random.normal(k, v.shape, v.dtype) for v, k in zip(leaves, keys, strict=True)]
-    nnx.update(model, jax.tree.unflatten(treedef, noisy))
+    return Wrap(base), adapt(base, variant), x
 
 
 def close(a, b, tol=2e-5):
@@ -71,7 +53,7 @@ def test_alpha_minus_one_undoes_alpha_one(layout, name):
     """The adapter at alpha=-1 on top of the same layer merged at alpha=+1 is the base."""
     base, model, x = adapted(layout, CONFIGS[name])
     y0 = base(x)
-    perturb(model)
+    perturb(model, 0.3, seed=1)
     merged = merge_adapters(model)
     assert float(jnp.abs(merged(x) - y0).max()) > 1e-3, "perturbed adapter should change the output"
     undo = apply_adapters(merged, AdapterConfig(rules=(Rule(pattern="layer", variant=CONFIGS[name]),)))
@@ -84,7 +66,7 @@ def test_alpha_minus_one_undoes_alpha_one(layout, name):
 @pytest.mark.parametrize("layout", SOME[:3], ids=lambda lo: lo.name)
 def test_per_row_alpha_matches_scalar_runs(layout, name):
     _, model, x = adapted(layout, CONFIGS[name])
-    perturb(model)
+    perturb(model, 0.3, seed=1)
     alphas = jnp.array([0.7, 0.0, -1.3])
     set_alpha(model, alphas)
     y = nnx.jit(lambda m, v: m(v))(model, x)

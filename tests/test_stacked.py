@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import perturb
 from scan_models import LAYERS, ScanModel, model_and_input, unroll
 
 import lora_jax as lj
@@ -43,14 +44,6 @@ def _cfg(variant, pattern=".*", **rule):
     return lj.AdapterConfig(rules=(lj.Rule(pattern=pattern, variant=variant, **rule),))
 
 
-def _perturb(model, scale=0.1, seed=3):
-    state = nnx.state(model, lj.AdapterParam)
-    leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    moved = [leaf + scale * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys, strict=True)]
-    nnx.update(model, jax.tree.unflatten(treedef, moved))
-
-
 def _adapter_slices(model, filter_=ADAPTER_VARIABLES):
     return nnx.state(model.blocks, nnx.All(nnx.Any(*filter_), nnx.Not(LayerMask)))
 
@@ -77,7 +70,7 @@ def test_identity_and_alpha_zero(name):
         np.testing.assert_allclose(y, base, rtol=1e-6, atol=1e-6)
     else:
         np.testing.assert_array_equal(y, base)
-    _perturb(adapted)
+    perturb(adapted, 0.1, seed=3)
     assert not np.array_equal(forward(adapted, x), base)
     lj.set_alpha(adapted, 0.0)
     np.testing.assert_array_equal(forward(adapted, x), base)
@@ -89,7 +82,7 @@ def test_scan_equals_the_unrolled_model_with_the_same_adapters(name):
     same function: the scan body sees exactly one layer's adapter."""
     model, x = model_and_input()
     stacked = lj.apply_adapters(model, _cfg(VARIANTS[name]))
-    _perturb(stacked)
+    perturb(stacked, 0.1, seed=3)
     lj.set_alpha(stacked, 0.7)
     unrolled = lj.apply_adapters(unroll(model), _cfg(VARIANTS[name]))
     slices = _adapter_slices(stacked)
@@ -148,7 +141,7 @@ def test_layers_selects_slices_and_the_others_stay_base():
     up = adapted.blocks.up
     np.testing.assert_array_equal(up.alpha[...], [0.0, 1.0, 0.0])
     np.testing.assert_array_equal(up.layer_mask[...], [0.0, 1.0, 0.0])
-    _perturb(adapted)
+    perturb(adapted, 0.1, seed=3)
     assert lj.set_alpha(adapted, 2.0) == 2
     np.testing.assert_array_equal(up.alpha[...], [0.0, 2.0, 0.0])
     lj.set_alpha(adapted, jnp.asarray([1.0, -1.0]))  # one per row: (layers, rows)
@@ -173,7 +166,7 @@ def test_merge_folds_every_slice():
     model, x = model_and_input()
     for variant in (lj.LoRAConfig(r=2), lj.AntiPaSTOConfig(r=4, block_size=2), lj.DoRAConfig(r=2)):
         adapted = lj.apply_adapters(model, _cfg(variant))
-        _perturb(adapted, 0.05)
+        perturb(adapted, 0.05, seed=3)
         lj.set_alpha(adapted, 0.8)
         merged = lj.merge_adapters(adapted)
         assert not list(lj.iter_adapters(merged))
@@ -184,7 +177,7 @@ def test_merge_folds_every_slice():
 def test_sweep_under_scan_matches_separate_calls():
     model, x = model_and_input()
     adapted = lj.apply_adapters(model, _cfg(lj.LoRAConfig(r=2), "up", layers=(0, 2)))
-    _perturb(adapted)
+    perturb(adapted, 0.1, seed=3)
     alphas = jnp.asarray([-1.0, 0.0, 0.5, 2.0])
     expected = []
     for a in alphas:
@@ -204,7 +197,7 @@ def test_sweep_under_scan_matches_separate_calls():
 def test_checkpoint_round_trip(tmp_path):
     model, x = model_and_input()
     adapted = lj.apply_adapters(model, _cfg(lj.PiSSAConfig(r=2), "up|q", layers=(0, 1)))
-    _perturb(adapted)
+    perturb(adapted, 0.1, seed=3)
     lj.set_alpha(adapted, 0.5)
     save(tmp_path / "ckpt", adapted)
     fresh, _ = model_and_input()

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import Wrap
 
 import lora_jax as lj
 
@@ -156,7 +157,7 @@ def test_alpha_changes_do_not_retrace_and_semantics():
     np.testing.assert_array_equal(outs[0.0], forward(model, X))
     # LoRA is linear in alpha: the alpha = -1 delta is the negated alpha = 1 delta, per layer
     layer = Tiny().layers[0].down_proj
-    one = lj.apply_adapters(Wrapped(layer), cfg(dict(pattern="layer", variant=LORA)))
+    one = lj.apply_adapters(Wrap(layer), cfg(dict(pattern="layer", variant=LORA)))
     one.layer.lora_b.value = jnp.ones_like(one.layer.lora_b[...])
     h = jax.random.normal(jax.random.key(5), (3, 32))
     deltas = {}
@@ -164,14 +165,6 @@ def test_alpha_changes_do_not_retrace_and_semantics():
         lj.set_alpha(one, alpha)
         deltas[alpha] = one(h) - layer(h)
     np.testing.assert_allclose(deltas[-1.0], -deltas[1.0], rtol=1e-5, atol=1e-6)
-
-
-class Wrapped(nnx.Module):
-    def __init__(self, layer):
-        self.layer = layer
-
-    def __call__(self, x):
-        return self.layer(x)
 
 
 def test_per_row_alpha_equals_row_by_row_calls():
@@ -228,7 +221,7 @@ def test_set_alpha_selects_by_pattern_and_rejects_bad_input():
 
 def test_dropout_active_in_train_mode_only():
     layer = nnx.Linear(16, 16, rngs=nnx.Rngs(0))
-    adapted = lj.apply_adapters(Wrapped(layer), cfg(dict(pattern="layer", variant=lj.LoRAConfig(r=4, dropout=0.5))))
+    adapted = lj.apply_adapters(Wrap(layer), cfg(dict(pattern="layer", variant=lj.LoRAConfig(r=4, dropout=0.5))))
     adapted.layer.lora_b.value = jnp.ones_like(adapted.layer.lora_b[...])
     x = jax.random.normal(jax.random.key(1), (8, 16))
     adapted.eval()
@@ -241,12 +234,12 @@ def test_dropout_active_in_train_mode_only():
 
 def test_bf16_base_keeps_dtype_with_fp32_adapter():
     layer = nnx.Linear(16, 8, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    adapted = lj.apply_adapters(Wrapped(layer), cfg(dict(pattern="layer", variant=LORA)))
+    adapted = lj.apply_adapters(Wrap(layer), cfg(dict(pattern="layer", variant=LORA)))
     assert adapted.layer.lora_a[...].dtype == jnp.float32
     assert adapted.layer.base.kernel[...].dtype == jnp.bfloat16
     x = jax.random.normal(jax.random.key(1), (4, 16)).astype(jnp.bfloat16)
     assert adapted(x).dtype == jnp.bfloat16
-    bf16 = lj.apply_adapters(Wrapped(layer), cfg(dict(pattern="layer", variant=lj.LoRAConfig(r=2, dtype="bfloat16"))))
+    bf16 = lj.apply_adapters(Wrap(layer), cfg(dict(pattern="layer", variant=lj.LoRAConfig(r=2, dtype="bfloat16"))))
     assert bf16.layer.lora_a[...].dtype == jnp.bfloat16
 
 

@@ -82,6 +82,16 @@ def test_set_alpha_matches_module_level():
         scale(state, jnp.inf)
 
 
+def test_each_set_alpha_names_the_other_when_given_the_wrong_kind():
+    model = adapted(MLP())
+    _, state = nnx.split(model)
+    with pytest.raises(TypeError, match=r"got State; for an nnx.State use lora_jax.transforms.set_alpha"):
+        module_set_alpha(state, 0.5)
+    with pytest.raises(TypeError, match=r"got MLP; for a model use lora_jax.set_alpha"):
+        set_alpha(model, 0.5)
+    assert float(model.up.alpha[...]) == 1.0 and float(state["up"]["alpha"][...]) == 1.0  # nothing changed
+
+
 def test_vmap_sweep_over_alpha_is_the_loop_of_module_calls():
     model = adapted(MLP())
     graphdef, state = nnx.split(model)

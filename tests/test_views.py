@@ -15,7 +15,7 @@ from lora_jax.views import spec_of
 
 
 def _spec(layer):
-    return spec_of(layer, lj.view_of(layer))
+    return spec_of(layer, lj.views.view_of(layer))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
@@ -78,8 +78,8 @@ class TunixEinsum(nnx.Module):
         return jnp.einsum(eqn, x, self.w[...])
 
 
-def test_registered_view_for_user_module():
-    lj.register_view(TunixEinsum, lambda m: lj.ViewInfo("BTD,NDH->BTNH", kernel="w", input_arg=1))
+def test_registered_view_for_user_module(register_view):
+    register_view(TunixEinsum, lambda m: lj.ViewInfo("BTD,NDH->BTNH", kernel="w", input_arg=1))
 
     class Attn(nnx.Module):
         def __init__(self, rngs):

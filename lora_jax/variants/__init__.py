@@ -10,10 +10,10 @@ imported on their own, never from here, since they use surgery and calibrate).
 
 import inspect
 
-from lora_jax.adapter import VariantConfig
+from lora_jax.adapter import Target, VariantConfig
 from lora_jax.variants.antipasto import AntiPaSTO, AntiPaSTOConfig, DeltaS, RotationParam
-from lora_jax.variants.delora import DeLoRA, DeLoRAConfig
-from lora_jax.variants.dora import DoRA, DoRAConfig
+from lora_jax.variants.delora import DeLoRA, DeLoRAConfig, DeLoRALambda
+from lora_jax.variants.dora import DoRA, DoRAConfig, DoRAMagnitude
 from lora_jax.variants.eva import EVA, EVAConfig
 from lora_jax.variants.hra import HRA, HRAConfig, hra_orthogonality_penalty
 from lora_jax.variants.ia3 import IA3, IA3Config
@@ -83,9 +83,11 @@ __all__ = [
     "ConvLoRA",
     "DeLoRA",
     "DeLoRAConfig",
+    "DeLoRALambda",
     "DeltaS",
     "DoRA",
     "DoRAConfig",
+    "DoRAMagnitude",
     "EmbedLoRA",
     "EVA",
     "EVAConfig",
@@ -100,6 +102,8 @@ __all__ = [
     "PiSSAConfig",
     "ROADConfig",
     "RotationParam",
+    "Target",
+    "VariantConfig",
     "hra_orthogonality_penalty",
     "register_variant",
     "to_lora",

@@ -9,7 +9,7 @@ Identity at t=0: B = 0, so the delta is exactly zero; and alpha = 0 adds an exac
 
 Init as PEFT: A ~ kaiming-uniform(a=sqrt(5)) = U(+-1/sqrt(d_in)), B = 0. The runtime
 ``alpha`` (steering) multiplies the whole delta, so alpha = -1 is the negated delta.
-Checked against ``peft.tuners.lora.layer.Linear`` (tests/test_parity_lora_peft.py).
+Checked against ``peft.tuners.lora.layer.Linear`` (tests/test_lora.py).
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""LoRA equals PEFT's LoRA (PyTorch, CPU) on the same base and adapter weights."""
+"""LoRA equals PEFT's LoRA (PyTorch, CPU) on the same base and adapter weights (PEFT's
+saved adapter loaded through ``import_peft``), and initialises as PEFT does. (Identity,
+alpha=0, merge and training are in tests/test_contract.py; LoRA on Conv / Embed in
+tests/test_lora_conv_embed.py.)"""
 
 from __future__ import annotations
 
@@ -7,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from helpers import adapt
 from peft import LoraConfig, get_peft_model
 
 import lora_jax as lj
+from lora_jax.peft_format import import_peft
 
 
 class TorchMLP(torch.nn.Module):
@@ -37,23 +42,22 @@ class JaxMLP(nnx.Module):
 
 
 @pytest.mark.parametrize("rslora", [False, True])
-def test_lora_matches_peft(rslora):
+def test_lora_matches_peft(rslora, tmp_path):
     torch.manual_seed(0)
     base = TorchMLP()
+    jax_base = JaxMLP(base)  # before get_peft_model, which adapts ``base`` in place
     peft_model = get_peft_model(
         base, LoraConfig(r=4, lora_alpha=12, target_modules=["fc1", "fc2"], use_rslora=rslora, init_lora_weights=False)
     )
     peft_model.eval()
-    jax_model = lj.apply_adapters(
-        JaxMLP(base),
-        lj.AdapterConfig(rules=(lj.Rule(pattern="fc", variant=lj.LoRAConfig(r=4, lora_alpha=12, rslora=rslora)),)),
-    )
     for name in ("fc1", "fc2"):
         layer = getattr(peft_model.base_model.model, name)
-        adapter = getattr(jax_model, name)
-        adapter.lora_a.value = jnp.asarray(layer.lora_A["default"].weight.detach().numpy().T)
-        adapter.lora_b.value = jnp.asarray(layer.lora_B["default"].weight.detach().numpy().T)
         assert np.abs(layer.lora_B["default"].weight.detach().numpy()).max() > 0  # non-identity adapter
+    peft_model.save_pretrained(tmp_path)
+    jax_model = import_peft(tmp_path, jax_base, hf_name=lambda path: path)
+    assert {p: (type(a.config), a.config.r, a.config.rslora) for p, a in lj.iter_adapters(jax_model)} == {
+        p: (lj.LoRAConfig, 4, rslora) for p in ("fc1", "fc2")
+    }
     x = np.random.default_rng(0).standard_normal((5, 7, 24)).astype(np.float32)
     with torch.no_grad():
         expect = peft_model(torch.from_numpy(x)).numpy()
@@ -69,15 +73,7 @@ def test_lora_matches_peft(rslora):
 
 def test_lora_init_distribution_matches_peft():
     """A ~ kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(d_in), 1/sqrt(d_in)), B = 0, as PEFT."""
-    layer = nnx.Linear(400, 300, rngs=nnx.Rngs(0))
-
-    class Wrap(nnx.Module):
-        def __init__(self):
-            self.layer = layer
-
-    adapted = lj.apply_adapters(
-        Wrap(), lj.AdapterConfig(rules=(lj.Rule(pattern="layer", variant=lj.LoRAConfig(r=64)),))
-    )
+    adapted = adapt(nnx.Linear(400, 300, rngs=nnx.Rngs(0)), lj.LoRAConfig(r=64))
     a = np.asarray(adapted.layer.lora_a[...])
     torch_a = torch.empty(64, 400)
     torch.nn.init.kaiming_uniform_(torch_a, a=5**0.5)

@@ -12,7 +12,9 @@ import optax
 import pytest
 from flax import nnx
 from layers import LAYOUT_IDS, LAYOUTS
-from test_contract import CASES, _adapt, _perturb, _rel_err
+from helpers import max_rel_err as _rel_err
+from helpers import perturb
+from test_contract import CASES, _adapt
 
 import lora_jax as lj
 from lora_jax import quant
@@ -96,7 +98,7 @@ def test_identity_and_alpha_zero_on_quantized_base(name, fmt):
         np.testing.assert_array_equal(np.asarray(_jit_call(adapted, x)), np.asarray(y0_jit))
     else:
         assert _rel_err(adapted(x), y0) < 1e-6
-    _perturb(adapted, case.perturb)
+    perturb(adapted, case.perturb, seed=7)
     assert _rel_err(adapted(x), y0) > 0
     lj.set_alpha(adapted, 0.0)
     np.testing.assert_array_equal(np.asarray(adapted(x)), np.asarray(y0))
@@ -109,7 +111,7 @@ def test_training_over_quantized_base_moves_only_adapters(name):
     x = jax.random.normal(jax.random.key(1), (8, 6, 12))
     base = quant.quantize(MLP(nnx.Rngs(0)), FORMATS["int4"])
     teacher = _adapt(case, base, x)
-    _perturb(teacher, 4 * case.perturb, seed=11)
+    perturb(teacher, 4 * case.perturb, seed=11)
     target = teacher(x)
     model = _adapt(case, base, x)
     frozen_before = jax.tree.map(np.asarray, nnx.state(model, nnx.Not(lj.AdapterParam)))
@@ -141,7 +143,7 @@ def test_quantized_storage_is_not_a_param_and_not_saved_with_the_adapter(tmp_pat
     params = jax.tree.leaves(nnx.state(base, nnx.Param))
     assert len(params) == 2 and all(jnp.issubdtype(p.dtype, jnp.floating) for p in params)  # the two biases
     model = _adapt(CASES["lora"], base, x)
-    _perturb(model, 0.1)
+    perturb(model, 0.1, seed=7)
     restored = restore(save(tmp_path / "q", model), quant.quantize(MLP(nnx.Rngs(0)), FORMATS["int4"]))
     np.testing.assert_array_equal(np.asarray(restored(x)), np.asarray(model(x)))
 

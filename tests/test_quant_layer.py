@@ -11,9 +11,9 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from layers import LAYOUT_IDS, LAYOUTS
 from helpers import max_rel_err as _rel_err
 from helpers import perturb
+from layers import LAYOUT_IDS, LAYOUTS
 from test_contract import CASES, _adapt
 
 import lora_jax as lj

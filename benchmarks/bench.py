@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import platform
 import sys
@@ -49,13 +50,17 @@ def flop_ratio(rank: int) -> float:
     return 1 + sum(rank * (i + o) for i, o in shapes) / base
 
 
+# Variants whose ``r`` is not a rank: OFT's r counts blocks (its default, 32-wide blocks, is used).
+DEFAULT_OPTIONS = {"oft"}
+
+
 def bench_variant_configs() -> dict[str, lj.VariantConfig]:
     """Forward-benchmark configs: every variant that can be built from a config alone
     (EVA without calibration data is a LoRA with a random A: the same forward cost)."""
     configs = {}
     for name, cls in sorted(lj.variants.VARIANTS.items()):
         fields = {f.name for f in dataclasses.fields(cls)}
-        configs[name] = cls(**({"r": RANK} if "r" in fields else {}))
+        configs[name] = cls(**({"r": RANK} if "r" in fields and name not in DEFAULT_OPTIONS else {}))
     return configs
 
 
@@ -70,7 +75,11 @@ def bench_forward(base: nnx.Module, x: jax.Array, reps: int, results: dict) -> l
     )
     fns.update({name: forward_fn(m, x) for name, m in models.items()})
     fns["merged lora"] = forward_fn(lj.merge_adapters(models["lora"]), x)
-    fns["qwix lora"] = forward_fn(with_random_adapters(qwix_lora(base, qs.PROJECTIONS, RANK, x), wrt=nnx.LoRAParam), x)
+    if importlib.util.find_spec("qwix") is not None:  # an optional comparison (not a dependency)
+        qwix = with_random_adapters(qwix_lora(base, qs.PROJECTIONS, RANK, x), wrt=nnx.LoRAParam)
+        fns["qwix lora"] = forward_fn(qwix, x)
+    else:
+        print("qwix is not installed: its forward row is left out", flush=True)
     fwd = interleaved(fns, reps)
     results["forward_s"], results["flop_ratio_lora"] = fwd.medians(), flop_ratio(RANK)
     targets = {
@@ -81,7 +90,7 @@ def bench_forward(base: nnx.Module, x: jax.Array, reps: int, results: dict) -> l
     rows = []
     for name in fns:
         if name != "base":
-            label = f"forward {name} / base" + ("" if "r=" in name or "base" in name else f" (r={RANK})")
+            label = f"forward {name} / base" + ("" if "r=" in name or "base" in name else _size(name))
             rows.append((label, f"{fwd.ratio(name, 'base'):.3f}", targets.get(name, "")))
     return rows
 
@@ -140,6 +149,24 @@ def bench_train(base: nnx.Module, remat_base: nnx.Module, x: jax.Array, y: jax.A
         ),
         ("train-step peak memory lora_jax / qwix", f"{peak['lora_jax'] / peak['qwix']:.3f}", ""),
     ]
+
+
+# The variants of issue 17, each timed against LoRA's train step in the same rounds.
+NEW_VARIANTS = ("loha", "lokr", "oft", "miss")
+
+
+def bench_variant_train(base: nnx.Module, x: jax.Array, y: jax.Array, reps: int, results: dict) -> list[Row]:
+    """3b. train step (all 7 projections) of each newer variant over LoRA's (r=16 where r is a rank)."""
+    configs = bench_variant_configs()
+    names = ["lora", *(n for n in NEW_VARIANTS if n in configs)]
+    steps = {n: train_step(lj.apply_adapters(base, cfg_for(configs[n])), lj.AdapterParam, x, y) for n in names}
+    train = interleaved({k: v.run for k, v in steps.items()}, reps)
+    results["variant_train_step_s"] = train.medians()
+    return [(f"train step {n} / lora{_size(n)}", f"{train.ratio(n, 'lora'):.3f}", "") for n in names[1:]]
+
+
+def _size(name: str) -> str:
+    return " (oft_block_size=32)" if name in DEFAULT_OPTIONS else f" (r={RANK})"
 
 
 def _tree_bytes(tree) -> int:
@@ -252,6 +279,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--sections", default="", help="comma-separated subset, e.g. 'forward,variant train step'")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -267,6 +295,7 @@ def main() -> None:
     sections = [
         ("forward", lambda: bench_forward(base, x, args.reps, results)),
         ("train step", lambda: bench_train(base, qs.Stack(args.layers, remat=True), x, y, args.reps, results)),
+        ("variant train step", lambda: bench_variant_train(base, x, y, args.reps, results)),
         (
             "sweep",
             lambda: bench_sweep(
@@ -276,8 +305,14 @@ def main() -> None:
         ("svd init", lambda: bench_svd_init(base, results)),
         ("eva", lambda: bench_eva(base, x, args.layers, results)),
     ]
+    chosen = {s.strip() for s in args.sections.split(",") if s.strip()}
+    unknown = chosen - {name for name, _ in sections}
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; known: {[name for name, _ in sections]}")
     rows: list[Row] = []
     for name, run in sections:
+        if chosen and name not in chosen:
+            continue
         print(f"{name} ...", flush=True)
         rows += run()
 

@@ -107,6 +107,7 @@ NAMESPACES = {
     "lora_jax.einsum_spec": "The einsum algebra of a layer: the matrix form of its kernel and activations.",
     "lora_jax.ragged": "LoRA per expert through ``jax.lax.ragged_dot``.",
     "lora_jax.progress": "Throttled progress lines that read the same in a terminal and a log.",
+    "lora_jax.named": "Several adapters on one base under names: mixed batches, hot-swap.",
     "lora_jax.models": "The reference Qwen3 / Llama causal LM, its loaders and generation.",
 }
 
@@ -118,7 +119,8 @@ TOP_LEVEL = {
     "Configuration": ["AdapterConfig", "Rule", "VariantConfig"],
     "Variant configs": [
         "LoRAConfig", "PiSSAConfig", "OLoRAConfig", "DoRAConfig", "DeLoRAConfig", "IA3Config", "IA3FFConfig",
-        "HRAConfig", "ROADConfig", "EVAConfig", "AntiPaSTOConfig",
+        "HRAConfig", "ROADConfig", "EVAConfig", "AntiPaSTOConfig", "LoHaConfig", "LoKrConfig", "OFTConfig",
+        "MiSSConfig",
     ],
     "The adapter and its Variable types": [
         "Adapter", "AdapterParam", "AdapterState", "Alpha", "DoRAMagnitude", "DeLoRALambda", "DeltaS",

@@ -66,15 +66,19 @@ from lora_jax.variants.eva_calibration import EvaPlan, apply_eva_plan, eva_init,
 from lora_jax.variants.hra import HRAConfig
 from lora_jax.variants.ia3 import IA3Config
 from lora_jax.variants.ia3_ff import IA3FFConfig
+from lora_jax.variants.loha import LoHaConfig
+from lora_jax.variants.lokr import LoKrConfig
 from lora_jax.variants.lora import LoRAConfig
+from lora_jax.variants.miss import MiSSConfig
+from lora_jax.variants.oft import OFTConfig
 from lora_jax.variants.olora import OLoRAConfig
 from lora_jax.variants.pissa import PiSSAConfig
 from lora_jax.variants.road import ROADConfig
 from lora_jax.views import UnsupportedLayerError, ViewInfo, register_view
 
 # Imported on first attribute access: checkpoint pulls in Orbax (a fifth of a second) and
-# models the loaders; `import lora_jax` stays the cost of jax + flax.
-_LAZY_NAMESPACES = ("checkpoint", "models")
+# models the loaders, named the checkpoint too; `import lora_jax` stays the cost of jax + flax.
+_LAZY_NAMESPACES = ("checkpoint", "models", "named")
 
 # Names the top level exported before it was narrowed, and where they live now: an old
 # `lj.LoRA` gets an AttributeError that says where to look rather than a bare one.
@@ -133,6 +137,10 @@ __all__ = [
     "ROADConfig",
     "EVAConfig",
     "AntiPaSTOConfig",
+    "LoHaConfig",
+    "LoKrConfig",
+    "OFTConfig",
+    "MiSSConfig",
     # the module and its Variable types (filters for nnx.state / nnx.Optimizer(wrt=))
     "Adapter",
     "AdapterParam",
@@ -156,6 +164,7 @@ __all__ = [
     "einsum_spec",
     "linalg",
     "models",
+    "named",
     "peft",
     "progress",
     "ragged",

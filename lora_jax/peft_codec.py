@@ -19,7 +19,7 @@ import numpy as np
 if TYPE_CHECKING:
     from lora_jax.adapter import Adapter, VariantConfig
 
-__all__ = ["PeftCodec", "PeftFormatError", "host_array"]
+__all__ = ["PeftCodec", "PeftFormatError", "check_file_rank", "host_array", "variant_config"]
 
 
 class PeftFormatError(ValueError):
@@ -40,7 +40,8 @@ class PeftCodec:
     layers (IA3's ``feedforward_modules``). ``folds_alpha``: the codec writes the delta at
     the current alpha; otherwise export needs alpha = 1, since PEFT has no alpha.
     ``alt_suffixes``: the tensor set a layer may have instead (LoRA on an embedding:
-    ``lora_embedding_A`` / ``lora_embedding_B``).
+    ``lora_embedding_A`` / ``lora_embedding_B``). ``partial``: a layer holds some of
+    ``suffixes`` and ``from_peft`` checks which (LoKr's factors are full or low-rank).
     """
 
     peft_type: str
@@ -52,9 +53,28 @@ class PeftCodec:
     member_of: str | None = None
     folds_alpha: bool = False
     alt_suffixes: tuple[str, ...] = ()
+    partial: bool = False
 
 
 def host_array(x: Any) -> np.ndarray:
     """``x`` as a numpy array for a safetensors file (bfloat16 as float32: numpy has none)."""
     x = jnp.asarray(x)
     return np.asarray(x.astype(jnp.float32) if x.dtype == jnp.bfloat16 else x)
+
+
+def check_file_rank(cfg: Mapping[str, Any], rank: int, tensor: str) -> None:
+    """The file's ``r`` (after ``rank_pattern``) is the rank its tensors have, as PEFT checks."""
+    if "r" in cfg and cfg["r"] != rank:
+        raise PeftFormatError(
+            f"adapter_config.json gives r={cfg['r']!r} (after rank_pattern) but {tensor} has rank {rank}; "
+            "PEFT refuses this too. Fix r or rank_pattern in adapter_config.json"
+        )
+
+
+def variant_config(make: Callable[[], VariantConfig]) -> VariantConfig:
+    """``make()``, a variant config built from a file's entries; the variant's own ValueError
+    (what is wrong, what is allowed) becomes a :class:`PeftFormatError`."""
+    try:
+        return make()
+    except ValueError as err:
+        raise PeftFormatError(str(err)) from err

@@ -21,9 +21,11 @@ Each variant plugs in by declaring one :class:`~lora_jax.peft_codec.PeftCodec` a
 config's ``peft_codec`` (``CODECS`` lists them by variant name): its PEFT type, the
 config flags that identify it on import (``use_dora``), which config entries PEFT allows
 per layer (``rank_pattern``), and two functions between an adapter and its tensors. This
-module names no variant. Today: LoRA; DoRA; IA3 and IA3-FF (``feedforward_modules``); EVA
-exports as its LoRA, PiSSA and OLoRA as the equivalent rank-2r LoRA (as PEFT saves
-them); those three import as LoRA.
+module names no variant. Today: LoRA; DoRA; IA3 and IA3-FF (``feedforward_modules``);
+DeLoRA, HRA and ROAD (PEFT's DELORA, HRA, ROAD files); EVA exports as its LoRA, PiSSA and
+OLoRA as the equivalent rank-2r LoRA (as PEFT saves them); those three import as LoRA.
+Any adapter, AntiPaSTO included, can also be written as a plain LoRA by
+:func:`lora_jax.as_lora.save_as_lora` (SVD-truncated delta).
 
 Import checks what PEFT itself would refuse (a per-layer ``r`` that is not the tensors'
 rank, a ``peft_type`` no codec reads) and names the file. ``lora_dropout`` acts in
@@ -264,7 +266,9 @@ def import_peft(path: str | Path, base_model: M, *, hf_name: Callable[[str], str
     rules, values = [], {}
     for name, nnx_path in sorted(by_name.items(), key=lambda item: item[1]):
         codec = _codec_for(config, name)
-        if set(groups[name]) not in ({*codec.suffixes}, {*codec.alt_suffixes}):
+        held = set(groups[name])
+        fits = held in ({*codec.suffixes}, {*codec.alt_suffixes}) or (codec.partial and held <= set(codec.suffixes))
+        if not fits:
             expected = " or ".join(str(sorted(s)) for s in (codec.suffixes, codec.alt_suffixes) if s)
             raise PeftFormatError(f"{path}: module {name!r} has tensors {sorted(groups[name])}, expected {expected}")
         layer = dict(config)

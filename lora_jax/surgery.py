@@ -18,6 +18,7 @@ from lora_jax import ragged, shardings, stacked
 from lora_jax.adapter import Adapter, Target, as_alpha
 from lora_jax.config import AdapterConfig, Rule
 from lora_jax.layer_kinds import SUPPORTED_TYPES, describe, owns_params
+from lora_jax.named_layer import refuse_named
 from lora_jax.paths import (
     NoMatchError,
     dotted,
@@ -215,6 +216,7 @@ def apply_adapters(model: M, cfg: AdapterConfig) -> M:
     """
     if not isinstance(cfg, AdapterConfig):
         raise TypeError(f"apply_adapters needs an AdapterConfig, got {type(cfg).__name__}")
+    refuse_named(model, "apply_adapters")  # lora_jax.named.add adds to such a model
     new = nnx.clone(model)
     plan = find_targets(new, cfg)
     built = []
@@ -259,6 +261,7 @@ def set_alpha(model: nnx.Module, value: Any, *, pattern: str | None = None) -> i
 def merge_adapters(model: M) -> M:
     """A copy of ``model`` with every adapter folded into its layer's kernel (and bias) at
     its current alpha; the result holds only the original module types."""
+    refuse_named(model, "merge_adapters")
     new = nnx.clone(model)
     paths = module_paths(new)
     updates = []  # computed first: a failure leaves no half-merged copy behind

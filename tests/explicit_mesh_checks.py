@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 import lora_jax as lj
 from lora_jax.checkpoint import restore, save
 from lora_jax.peft import export_peft, import_peft
+from lora_jax.variants import LoHaConfig, LoKrConfig, MiSSConfig, OFTConfig
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -265,6 +266,10 @@ def check_every_variant_trains_and_merges_on_fsdp():
         lj.IA3FFConfig(),
         lj.HRAConfig(r=4),
         lj.ROADConfig(group_size=4),
+        LoHaConfig(r=2),
+        LoKrConfig(r=1, decompose_both=True),
+        OFTConfig(oft_block_size=4),
+        MiSSConfig(r=4),
     )
     for variant in variants:
         cfg = lj.AdapterConfig(rules=(lj.Rule(pattern="proj", variant=variant),))

@@ -28,6 +28,7 @@ from helpers import Wrap, max_rel_err, perturb
 from layers import LAYOUT_IDS, LAYOUTS
 
 import lora_jax as lj
+from lora_jax.variants import LoHaConfig, LoKrConfig, MiSSConfig, OFTConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,17 @@ CASES: dict[str, Case] = {
     "delora": Case(lj.DeLoRAConfig(r=4), zero_grad_at_init=("lora_a", "delora_lambda"), steps=600),
     # rho=1 keeps r=2 on every layer: the MoE layout has only 5 rows per expert.
     "eva": Case(lj.EVAConfig(r=2, lora_alpha=4, rho=1.0), adapt=_eva_init, zero_grad_at_init=("lora_a",)),
+    # B2 = 0: only hada_w2_b has a gradient on step 1
+    "loha": Case(LoHaConfig(r=2, lora_alpha=4), zero_grad_at_init=("hada_w1_a", "hada_w1_b", "hada_w2_a")),
+    # W1 = 0: W2 (full here, decomposed in lokr_low) has no gradient on step 1
+    "lokr": Case(LoKrConfig(r=4, lora_alpha=4), zero_grad_at_init=("lokr_w2",)),
+    # block 2 divides every layout's d_in; the shared block is one 2x2 generator
+    "oft": Case(OFTConfig(oft_block_size=2)),
+    "oft_shared": Case(OFTConfig(oft_block_size=2, block_share=True, num_cayley_neumann_terms=3)),
+    # r=4 leaves a padded last shard where d_in is 6 or 12 / 8 (per-head, MLP)
+    "miss": Case(MiSSConfig(r=4)),
+    "miss_mini": Case(MiSSConfig(r=4, mini_r=2)),
+    "lokr_low": Case(LoKrConfig(r=1, lora_alpha=1, decompose_both=True), zero_grad_at_init=("lokr_w2", "lokr_w1_b")),
 }
 
 

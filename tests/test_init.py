@@ -16,8 +16,8 @@ import lora_jax as lj
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACES = (
-    "calibrate", "checkpoint", "einsum_spec", "linalg", "models", "peft", "progress", "ragged", "select", "steering",
-    "transforms", "variants", "views",
+    "calibrate", "checkpoint", "einsum_spec", "linalg", "models", "named", "peft", "progress", "ragged", "select",
+    "steering", "transforms", "variants", "views",
 )  # fmt: skip
 
 
@@ -45,7 +45,10 @@ def test_a_moved_name_says_where_it_lives_now():
 
 
 def test_import_is_light_and_lazy_namespaces_load_on_first_use():
-    heavy = ["orbax.checkpoint", "lora_jax.checkpoint", "lora_jax.models", "matplotlib", "torch", "safetensors"]
+    heavy = [
+        "orbax.checkpoint", "lora_jax.checkpoint", "lora_jax.models", "lora_jax.named", "matplotlib", "torch",
+        "safetensors",
+    ]  # fmt: skip
     code = (
         "import json, sys; import lora_jax as lj; "
         f"before = [m for m in {heavy!r} if m in sys.modules]; "

@@ -136,8 +136,17 @@ def test_peft_saved_adapter_imports_with_peft_outputs(tmp_path):
 ACTIVE = sorted(name for name in CODECS if name in VARIANTS)
 
 
-# PiSSA / OLoRA export as a rank-2r LoRA, which must fit min(d_in, d_out) = 8 to import.
-OPTIONS = {"pissa": {"r": 4}, "olora": {"r": 4}}
+# PiSSA / OLoRA export as a rank-2r LoRA, which must fit min(d_in, d_out) = 8 to import;
+# OFT's blocks and MiSS's shards must fit d_in = 8; LoKr with low-rank factors on both sides;
+# ROAD's groups must divide every d_out (16, 8, 8).
+OPTIONS = {
+    "pissa": {"r": 4},
+    "olora": {"r": 4},
+    "oft": {"oft_block_size": 4},
+    "miss": {"r": 4},
+    "lokr": {"r": 1, "decompose_both": True},
+    "road": {"group_size": 4},
+}
 
 
 def moved(name: str) -> nnx.Module:
@@ -189,7 +198,7 @@ def test_import_names_what_does_not_fit(tmp_path):
         import_peft(tmp_path, Net(), hf_name=lambda p: swapped.get(p))
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LOHA"}))
-    loha = r"adapter_config.json: peft_type 'LOHA' is not supported \(supported: IA3, LORA\)"
+    loha = r"adapter_config.json: peft_type 'LOHA' is not supported \(supported: DELORA, HRA, IA3, LORA, ROAD\)"
     with pytest.raises(PeftFormatError, match=loha):
         import_peft(tmp_path, Net(), hf_name=same_name)
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": 8, "rank_pattern": {}}))
@@ -278,3 +287,130 @@ def test_export_needs_alpha_one_where_peft_cannot_hold_it(tmp_path):
     set_alpha(model, 0.5, pattern="q")
     with pytest.raises(PeftFormatError, match=r"'q': alpha is 0.5; PEFT has no alpha .* set_alpha\(model, 1.0\)"):
         export_peft(tmp_path, model, hf_name=same_name)
+
+
+# PEFT's own configs for the variants whose codec keeps PEFT's tensor names (DeLoRA, HRA,
+# ROAD); init_weights=False gives every one a non-identity adapter.
+PEFT_SAVED = {
+    "delora": lambda: peft.DeloraConfig(
+        r=2,
+        delora_lambda=3,
+        target_modules=["up", "q", "o"],
+        init_weights=False,
+        rank_pattern={"o": 4},
+        lambda_pattern={"q": 5},
+    ),
+    "hra": lambda: peft.HRAConfig(r=4, target_modules=["up", "q", "o"], init_weights=False),
+    "road": lambda: peft.RoadConfig(
+        variant="road_4", group_size=4, target_modules=["up", "q", "o"], init_weights=False
+    ),
+}
+
+
+def rel(actual, expected) -> float:
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+@pytest.mark.parametrize("name", sorted(PEFT_SAVED))
+def test_peft_saved_file_imports_and_exports_back_bit_exact(tmp_path, name):
+    """PEFT's file -> lora_jax: PEFT's outputs (fp32, 1e-5 relative); lora_jax -> a file:
+    PEFT's tensors bit for bit and PEFT's config entries."""
+    from safetensors.numpy import load_file
+
+    base = Net()
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(torch_mirror(base), PEFT_SAVED[name]()).eval()
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    model = import_peft(tmp_path / "theirs", base, hf_name=same_name)
+    assert {a.config.name for _, a in iter_adapters(model)} == {name}
+    want = torch_out(theirs)
+    assert rel(torch_out(torch_mirror(base)), want) > 1e-2  # PEFT's adapter does something
+    assert rel(model(jnp.asarray(X)), want) <= 1e-5
+    export_peft(tmp_path / "ours", model, hf_name=same_name)
+    ours, original = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("ours", "theirs"))
+    assert sorted(ours) == sorted(original)
+    for key, value in original.items():
+        np.testing.assert_array_equal(ours[key], value, err_msg=key)
+    config, peft_config = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("ours", "theirs"))
+    entries = {"delora": ("r", "delora_lambda"), "hra": ("r", "apply_GS"), "road": ("variant", "group_size")}[name]
+    assert {k: config[k] for k in ("peft_type", *entries)} == {k: peft_config[k] for k in ("peft_type", *entries)}
+
+
+@pytest.mark.parametrize("name", sorted(PEFT_SAVED))
+def test_exported_file_matches_peft_within_1e5(tmp_path, name):
+    model = moved(name)
+    export_peft(tmp_path, model, hf_name=same_name)
+    ours = np.asarray(model(jnp.asarray(X)))
+    assert rel(Net()(jnp.asarray(X)), ours) > 1e-2
+    assert rel(torch_out(peft.PeftModel.from_pretrained(torch_mirror(Net()), str(tmp_path)).eval()), ours) <= 1e-5
+
+
+def test_delora_exports_at_any_alpha_and_per_layer_settings(tmp_path):
+    """DeLoRA's delta is linear in lambda, so alpha is folded into it; per-layer r and
+    lambda go into PEFT's rank_pattern / lambda_pattern."""
+    from lora_jax import DeLoRAConfig
+
+    rules = (
+        Rule(pattern="up", variant=DeLoRAConfig(r=4, delora_lambda=2.0, dropout=0.1)),
+        Rule(pattern="q|o", variant=DeLoRAConfig(r=2, dropout=0.1)),
+    )
+    model = apply_adapters(Net(), AdapterConfig(rules=rules))
+    leaves, treedef = jax.tree.flatten(nnx.state(model, AdapterParam))
+    keys = jax.random.split(jax.random.key(4), len(leaves))
+    nnx.update(
+        model, treedef.unflatten([x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)])
+    )
+    set_alpha(model, -0.5, pattern="q")
+    export_peft(tmp_path, model, hf_name=same_name)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (config["r"], config["rank_pattern"], config["delora_lambda"], config["lambda_pattern"]) == (
+        2,
+        {"^up": 4},
+        15.0,
+        {"^up": 2.0},
+    )
+    assert config["module_dropout"] == 0.1
+    model.eval()
+    loaded = peft.PeftModel.from_pretrained(torch_mirror(Net()), str(tmp_path)).eval()
+    assert rel(torch_out(loaded), model(jnp.asarray(X))) <= 1e-5
+    back = import_peft(tmp_path, Net(), hf_name=same_name)
+    assert {p: (a.config.r, a.config.dropout) for p, a in iter_adapters(back)} == {
+        "o": (2, 0.1),
+        "q": (2, 0.1),
+        "up": (4, 0.1),
+    }
+    back.eval()
+    assert rel(back(jnp.asarray(X)), model(jnp.asarray(X))) <= 1e-6
+
+
+def test_hra_and_road_refuse_what_they_cannot_hold(tmp_path):
+    from lora_jax import HRAConfig, ROADConfig
+
+    rules = (Rule(pattern="up", variant=HRAConfig(r=4)), Rule(pattern="q|o", variant=HRAConfig(r=2)))
+    mixed = apply_adapters(Net(), AdapterConfig(rules=rules))
+    with pytest.raises(PeftFormatError, match=r"PEFT holds one 'r' per adapter; this model has \{2: 2, 4: 1\}"):
+        export_peft(tmp_path, mixed, hf_name=same_name)
+    road = moved("road")
+    set_alpha(road, 0.5)
+    with pytest.raises(PeftFormatError, match=r"alpha is 0.5; PEFT has no alpha and road is not linear in it"):
+        export_peft(tmp_path, road, hf_name=same_name)
+    export_peft(
+        tmp_path,
+        apply_adapters(Net(), AdapterConfig(rules=(Rule(pattern="up|q|o", variant=ROADConfig(group_size=4)),))),
+        hf_name=same_name,
+    )
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "variant": "road_3"}))
+    with pytest.raises(PeftFormatError, match=r"module 'o': road: kind='road_3' must be one of"):
+        import_peft(tmp_path, Net(), hf_name=same_name)
+    export_peft(tmp_path, moved("hra"), hf_name=same_name)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "apply_GS": True}))
+    with pytest.raises(PeftFormatError, match=r"module 'o': apply_GS=True .* not implemented"):
+        import_peft(tmp_path, Net(), hf_name=same_name)
+    torch.manual_seed(0)
+    odd = peft.get_peft_model(torch_mirror(Net()), peft.HRAConfig(r=3, target_modules=["up"], init_weights=False))
+    odd.save_pretrained(str(tmp_path / "odd"))
+    with pytest.raises(PeftFormatError, match=r"module 'up': hra: r=3 must be a positive even integer"):
+        import_peft(tmp_path / "odd", Net(), hf_name=same_name)

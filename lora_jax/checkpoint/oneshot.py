@@ -34,6 +34,7 @@ from lora_jax.checkpoint.records import (
     read_item,
     read_meta,
 )
+from lora_jax.named_layer import refuse_named
 from lora_jax.paths import module_paths
 from lora_jax.surgery import apply_adapters
 
@@ -114,6 +115,7 @@ def save(path: str | Path, model: nnx.Module, *, overwrite: bool = False) -> Pat
     one is complete ``path`` holds the old one, after that the new one.
     """
     path = Path(path).resolve()
+    refuse_named(model, "checkpoint.save")  # lora_jax.named.save saves by name
     meta = make_meta(model)  # raises on a model without adapters, before any file is touched
     state = nnx.to_pure_dict(nnx.state(model, ADAPTER_VARIABLES))
     if _layout(path) != "none" and not overwrite:

@@ -18,8 +18,12 @@ from lora_jax.variants.eva import EVA, EVAConfig
 from lora_jax.variants.hra import HRA, HRAConfig, hra_orthogonality_penalty
 from lora_jax.variants.ia3 import IA3, IA3Config
 from lora_jax.variants.ia3_ff import IA3FF, IA3FFConfig
+from lora_jax.variants.loha import LoHa, LoHaConfig
+from lora_jax.variants.lokr import LoKr, LoKrConfig
 from lora_jax.variants.lora import LoRA, LoRAConfig
 from lora_jax.variants.lora_conv_embed import ConvLoRA, EmbedLoRA
+from lora_jax.variants.miss import MiSS, MiSSConfig
+from lora_jax.variants.oft import OFT, OFTConfig
 from lora_jax.variants.olora import OLoRA, OLoRAConfig
 from lora_jax.variants.pissa import PiSSA, PiSSAConfig, to_lora
 from lora_jax.variants.road import ROAD, ROADConfig
@@ -38,6 +42,10 @@ VARIANTS: dict[str, type[VariantConfig]] = {
         ROADConfig,
         EVAConfig,
         AntiPaSTOConfig,
+        LoHaConfig,
+        LoKrConfig,
+        OFTConfig,
+        MiSSConfig,
     )
 }
 
@@ -94,8 +102,16 @@ __all__ = [
     "HRAConfig",
     "IA3Config",
     "IA3FFConfig",
+    "LoHa",
+    "LoHaConfig",
+    "LoKr",
+    "LoKrConfig",
     "LoRA",
     "LoRAConfig",
+    "MiSS",
+    "MiSSConfig",
+    "OFT",
+    "OFTConfig",
     "OLoRA",
     "OLoRAConfig",
     "PiSSA",

@@ -18,19 +18,28 @@ Runtime alpha scales the delta: 0 is the base (bit-exact), 1 the trained adapter
 negated delta (the mirror update, inside the same bound). The paper suggests a learning
 rate 10-100x LoRA's; ``lambda`` has its own Variable type for a separate rate. Checked
 against ``peft.tuners.delora.layer.DeloraLinear``.
+
+PEFT file (``peft_type`` DELORA): ``delora_A (r, d_in) = A^T``, ``delora_B (d_out, r) = B^T``,
+``delora_lambda (1,)``, ``delora_w_norm (d_in,)``; config ``r`` / ``rank_pattern``,
+``delora_lambda`` / ``lambda_pattern`` (the initial bound), ``module_dropout`` (PEFT's
+dropout on the adapter input, this ``dropout``). The delta is linear in lambda, so export
+folds alpha into ``delora_lambda``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array
 
 from lora_jax.adapter import AdapterParam, AdapterState, Target, VariantConfig
 from lora_jax.linalg import column_norms, row_norms
+from lora_jax.peft_codec import PeftCodec, check_file_rank, host_array, variant_config
 from lora_jax.variants._checks import check_dropout, check_rank
 from lora_jax.variants._lowrank import LowRankAdapter, lora_pair
 
@@ -86,3 +95,34 @@ class DeLoRA(LowRankAdapter):
     def merged(self, kernel, bias):
         a = self.w_norm[...][..., :, None] * self.lora_a[...] * self._rank_scale()[..., None, :]
         return kernel + self.scalar_alpha() * (a @ self.lora_b[...]), bias
+
+
+def _to_peft(adapter: DeLoRA) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    cfg = adapter.config
+    entries = {"r": cfg.r, "delora_lambda": cfg.delora_lambda, "module_dropout": cfg.dropout}
+    return entries, {
+        "delora_A": host_array(adapter.lora_a[...]).T,
+        "delora_B": host_array(adapter.lora_b[...]).T,
+        "delora_lambda": host_array(adapter.delora_lambda[...] * adapter.scalar_alpha()).reshape(1),
+        "delora_w_norm": host_array(adapter.w_norm[...]),
+    }
+
+
+def _from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[DeLoRAConfig, dict]:
+    a, b, lam = tensors["delora_A"].T, tensors["delora_B"].T, tensors["delora_lambda"]
+    check_file_rank(cfg, a.shape[1], f"delora_A (shape {a.T.shape})")
+    options = {"delora_lambda": float(cfg.get("delora_lambda", 15)), "dropout": float(cfg.get("module_dropout") or 0)}
+    config = variant_config(lambda: DeLoRAConfig(r=a.shape[1], **options))
+    lam = lam.reshape(()) if lam.size == 1 else lam  # (1,) in PEFT, one scalar per layer here
+    return config, {"lora_a": a, "lora_b": b, "delora_lambda": lam, "w_norm": tensors["delora_w_norm"]}
+
+
+DeLoRAConfig.peft_codec = PeftCodec(
+    "DELORA",
+    flags={},
+    patterns={"r": "rank_pattern", "delora_lambda": "lambda_pattern"},
+    suffixes=("delora_A", "delora_B", "delora_lambda", "delora_w_norm"),
+    to_peft=_to_peft,
+    from_peft=_from_peft,
+    folds_alpha=True,
+)

@@ -18,21 +18,28 @@ cost O(r d_in + r^2) per row. Not implemented: PEFT's ``apply_GS`` (Gram-Schmidt
 
 :func:`hra_orthogonality_penalty` is the paper's regulariser (not in PEFT).
 Checked against ``peft.tuners.hra.layer.HRALinear`` (tests/test_hra.py).
+
+PEFT file (``peft_type`` HRA): ``hra_u (d_in, r)`` as is; config ``r`` (one for the whole
+file: PEFT's HRA has no ``rank_pattern``) and ``apply_GS`` (False; a file with True is
+refused, see above; so is an odd r, which PEFT allows).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jaxtyping import Array, Float
 
 from lora_jax import shardings
 from lora_jax.adapter import Adapter, AdapterParam, Target, VariantConfig
+from lora_jax.peft_codec import PeftCodec, PeftFormatError, check_file_rank, host_array, variant_config
 from lora_jax.rotations import hra_basis, hra_coefficients, hra_coords, hra_rotation, safe_norm
 from lora_jax.validation import is_int
 
@@ -84,6 +91,24 @@ class HRA(Adapter):
         # The dense rotation is built whole on every device (a one-off, d_in x d_in).
         rotation = hra_rotation(shardings.whole_matrices(self.hra_u[...]), self.scalar_alpha())
         return shardings.einsum("...ed,...eo->...do", rotation, kernel), bias
+
+
+def _to_peft(adapter: HRA) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    return {"r": adapter.config.r, "apply_GS": False}, {"hra_u": host_array(adapter.hra_u[...])}
+
+
+def _from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[HRAConfig, dict]:
+    if cfg.get("apply_GS", False):
+        raise PeftFormatError(
+            "apply_GS=True (HRA's Gram-Schmidt form) is not implemented in lora_jax, whose HRA is the product of "
+            "reflections (PEFT's apply_GS=False); retrain with apply_GS=False"
+        )
+    u = tensors["hra_u"]
+    check_file_rank(cfg, u.shape[1], f"hra_u (shape {u.shape})")
+    return variant_config(lambda: HRAConfig(r=u.shape[1])), {"hra_u": u}
+
+
+HRAConfig.peft_codec = PeftCodec("HRA", {}, {}, ("hra_u",), _to_peft, _from_peft)
 
 
 def hra_orthogonality_penalty(model: nnx.Module, *, weight: float = 1e-4) -> Float[Array, ""]:

@@ -19,17 +19,24 @@ and a singular block (determinant 0) has its determinant floored at 1e-12. A hug
 overflows: ``|m| ** alpha`` is inf in float32 once ``|alpha log |m||`` passes about 88;
 that is the power, kept as it is.
 Checked against ``peft.tuners.road.layer.Linear`` (tests/test_road.py).
+
+PEFT file (``peft_type`` ROAD): ``road_theta`` and ``road_alpha`` are ``theta`` and
+``magnitude`` as they are; config ``variant`` (``kind``) and ``group_size``, one of each
+for the whole file (PEFT has no per-layer pattern for them).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array
 
 from lora_jax.adapter import Adapter, AdapterParam, Target, VariantConfig
+from lora_jax.peft_codec import PeftCodec, host_array, variant_config
 from lora_jax.rotations import road_apply, road_columns, road_inverse
 from lora_jax.validation import is_int
 
@@ -103,3 +110,18 @@ class ROAD(Adapter):
         if bias is not None:
             bias = road_apply(bias, first[..., 0, :], second[..., 0, :], self.config.group_size)
         return rotated, bias
+
+
+def _to_peft(adapter: ROAD) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    cfg = adapter.config
+    arrays = {"road_theta": host_array(adapter.theta[...]), "road_alpha": host_array(adapter.magnitude[...])}
+    return {"variant": cfg.kind, "group_size": cfg.group_size}, arrays
+
+
+def _from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[ROADConfig, dict]:
+    options = {"kind": cfg.get("variant", "road_1"), "group_size": cfg.get("group_size", 64)}  # PEFT's defaults
+    arrays = {"theta": tensors["road_theta"], "magnitude": tensors["road_alpha"]}
+    return variant_config(lambda: ROADConfig(**options)), arrays
+
+
+ROADConfig.peft_codec = PeftCodec("ROAD", {}, {}, ("road_theta", "road_alpha"), _to_peft, _from_peft)

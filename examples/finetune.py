@@ -14,6 +14,12 @@ HF PEFT on transformers' own load of the same GGUF to check that its logits matc
     python examples/finetune.py --variant lora --steps 30
     python examples/finetune.py --model ~/models/Qwen3-0.6B --steps 200 --lr 1e-4
     python examples/finetune.py --gguf --steps 40 --batch-size 8 --lr 1e-3   # real SmolLM2, a few minutes
+    python examples/finetune.py --gguf --quantize gguf ...   # QLoRA: the file's 4-bit Q4_1 kernels kept
+
+``--quantize`` trains over a quantized frozen base (lora_jax.quant): ``int8`` / ``int4`` /
+``nf4`` quantize the adapted projections of the float model; ``gguf`` keeps the GGUF
+file's own Q4_1 blocks. The merge check then keeps the merged layers in float (exact) and
+also reports what requantizing the merged kernels would cost.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import optax
 from flax import nnx
 
 import lora_jax as lj
+from lora_jax import quant
 from lora_jax.checkpoint import restore, save
 from lora_jax.models import (
     ByteTokenizer,
@@ -49,6 +56,7 @@ from lora_jax.variants import VARIANTS
 CORPUS = Path(__file__).with_name("data") / "tiny_corpus.txt"
 INSTRUCTIONS = Path(__file__).with_name("data") / "instructions.json"
 DEFAULT_PATTERN = r"(q|k|v|o|gate|up|down)_proj"
+QUANT_FORMATS = {"int8": quant.Int8(), "int4": quant.Int4(), "nf4": quant.NF4()}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"(default: {CORPUS.name}, or {INSTRUCTIONS.name} with --gguf)",
     )
     p.add_argument("--no-peft-check", action="store_true", help="with --gguf: skip the HF PEFT logits check")
+    p.add_argument(
+        "--quantize",
+        default="none",
+        choices=("none", *QUANT_FORMATS, "gguf"),
+        help="train over a quantized base: int8 / int4 / nf4 kernels of the adapted layers, or gguf: the file's Q4_1",
+    )
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128, help="tokens per example (longer lines are cut)")
@@ -202,10 +216,34 @@ def save_checkpoint(model, out: Path) -> dict[str, Path]:
     return saved
 
 
+def quantized_base(base, args):
+    """``base`` with the adapted projections quantized as ``--quantize`` says."""
+    if args.quantize == "none":
+        return base
+    if args.quantize == "gguf":
+        if args.gguf is None:
+            raise SystemExit("--quantize gguf keeps a GGUF file's 4-bit blocks: pass --gguf too")
+        base, _, layers = quant.load_gguf_quantized(_gguf_file(args), tokenizer=False)
+        print(f"kept {len(layers['kept'])} Q4_1 layers of the file, requantized {len(layers['requantized'])}")
+    else:
+        base = quant.quantize(base, QUANT_FORMATS[args.quantize], pattern=args.pattern)
+    sizes = quant.kernel_bytes(base)
+    print(
+        f"quantized base ({args.quantize}): {sizes['quantized'] / 2**20:.1f} MiB of quantized kernels, "
+        f"{sizes['other'] / 2**20:.1f} MiB float"
+    )
+    return base
+
+
+def _gguf_file(args) -> Path:
+    return smollm2_path() if args.gguf == "smollm2" else Path(args.gguf)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     data = Path(args.data or (INSTRUCTIONS if args.gguf else CORPUS))
     base, tok = load_model_and_tokenizer(args.model, args.seed, args.gguf)
+    base = quantized_base(base, args)
     (train_ids, train_mask, train_targets), held_out, eval_examples = load_examples(data, tok, args.seq_len)
     eval_ids, eval_mask, eval_targets = (jnp.asarray(a) for a in held_out)
     chat = data.suffix == ".json"
@@ -259,15 +297,27 @@ def main(argv: list[str] | None = None) -> dict:
         f"saved {', '.join(f'{k}: {v}' for k, v in saved.items())}; restore identical: {history['restore_identical']}"
     )
     history["saved"] = saved
-    if args.gguf and "peft" in saved and not args.no_peft_check:
-        gguf_file = smollm2_path() if args.gguf == "smollm2" else Path(args.gguf)
+    # transformers loads the GGUF's float values: the same base as ours unless we requantized it
+    if args.gguf and "peft" in saved and not args.no_peft_check and args.quantize in ("none", "gguf"):
+        gguf_file = _gguf_file(args)
         rel = peft_logits_check(saved["peft"], gguf_file, model, np.asarray(eval_ids), np.asarray(eval_mask))
         history["peft_rel_diff"] = rel
         print(f"HF PEFT on transformers' load of the GGUF vs ours: max relative logits difference {rel:.2e}")
         if rel > 1e-5:
             raise SystemExit(f"PEFT logits differ from ours by {rel:.2e} (relative), more than 1e-5")
 
-    merged = lj.merge_adapters(model)
+    if args.quantize != "none":  # requantizing the merged kernels: what it would cost
+        requantized, reports = quant.merge_quantized(model)
+        rq_diff = float(jnp.max(jnp.abs(model(eval_ids, eval_mask) - requantized(eval_ids, eval_mask))))
+        history["requantized_merge"] = {
+            "max_delta_error": max(r.delta_error for r in reports),
+            "eval_loss": float(eval_loss(requantized, eval_ids, eval_mask, eval_targets)),
+            "max_abs_logit_diff": rq_diff,
+        }
+        print(f"merged and requantized: {history['requantized_merge']} (kept in float below)")
+        merged = quant.merge_quantized(model, keep_float=True)[0]
+    else:
+        merged = lj.merge_adapters(model)
     adapted_logits, merged_logits = model(eval_ids, eval_mask), merged(eval_ids, eval_mask)
     real = eval_mask.astype(bool)
     diff = float(jnp.max(jnp.abs(adapted_logits - merged_logits)[real]))

@@ -108,6 +108,7 @@ NAMESPACES = {
     "lora_jax.ragged": "LoRA per expert through ``jax.lax.ragged_dot``.",
     "lora_jax.progress": "Throttled progress lines that read the same in a terminal and a log.",
     "lora_jax.named": "Several adapters on one base under names: mixed batches, hot-swap.",
+    "lora_jax.quant": "A quantized frozen base (int8, int4 / Q4_1, nf4): quantize, merge into it, LoftQ.",
     "lora_jax.models": "The reference Qwen3 / Llama causal LM, its loaders and generation.",
 }
 

@@ -77,8 +77,8 @@ from lora_jax.variants.road import ROADConfig
 from lora_jax.views import UnsupportedLayerError, ViewInfo, register_view
 
 # Imported on first attribute access: checkpoint pulls in Orbax (a fifth of a second) and
-# models the loaders, named the checkpoint too; `import lora_jax` stays the cost of jax + flax.
-_LAZY_NAMESPACES = ("checkpoint", "models", "named")
+# models the loaders, named the checkpoint too, quant the GGUF reader; `import lora_jax` stays the cost of jax + flax.
+_LAZY_NAMESPACES = ("checkpoint", "models", "named", "quant")
 
 # Names the top level exported before it was narrowed, and where they live now: an old
 # `lj.LoRA` gets an AttributeError that says where to look rather than a bare one.
@@ -167,6 +167,7 @@ __all__ = [
     "named",
     "peft",
     "progress",
+    "quant",
     "ragged",
     "select",
     "steering",

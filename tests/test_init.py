@@ -16,8 +16,8 @@ import lora_jax as lj
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMESPACES = (
-    "calibrate", "checkpoint", "einsum_spec", "linalg", "models", "named", "peft", "progress", "ragged", "select",
-    "steering", "transforms", "variants", "views",
+    "calibrate", "checkpoint", "einsum_spec", "linalg", "models", "named", "peft", "progress", "quant", "ragged",
+    "select", "steering", "transforms", "variants", "views",
 )  # fmt: skip
 
 

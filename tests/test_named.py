@@ -4,6 +4,8 @@ tracing again, and batched generation with one adapter and alpha per row."""
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -242,6 +244,11 @@ VARIANTS = {
 # per-row matrix computations here (each row gathers its own weights), and XLA's batched
 # reduction / batched LU round differently from the single one: agreement to a few ulps.
 ROUNDING = {"dora": 2e-6, "antipasto": 2e-6}
+# IA3-FF is bit-exact at XLA's default optimization level; at backend optimization level 0
+# (what scripts/test.sh compiles with, for speed) the batched program rounds the gated input
+# differently from the single one (seen: 4.8e-7).
+if "--xla_backend_optimization_level=0" in os.environ.get("XLA_FLAGS", ""):
+    ROUNDING["ia3_ff"] = 1e-6
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -243,10 +243,10 @@ def test_errors():
 
 
 def test_readme_section_runs():
-    """Every python block of the README's "Stacked layers and MoE experts" section."""
-    text = (Path(__file__).parent.parent / "README.md").read_text()
+    """Every python block of the docs' "Stacked layers and MoE experts" section."""
+    text = (Path(__file__).parent.parent / "docs" / "guides" / "layers.md").read_text()
     section = text.split("## Stacked layers and MoE experts\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
     assert len(blocks) == 2
     for block in blocks:
-        exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
+        exec(compile(block, "docs/guides/layers.md", "exec"), {"__name__": "readme"})

@@ -44,7 +44,7 @@ from lora_jax import checkpoint, peft_format, ragged, stacked
 from lora_jax.adapter import Adapter, AdapterParam, AdapterState, as_alpha
 from lora_jax.config import AdapterConfig
 from lora_jax.named_layer import NamedLayer, Parked, Route, park, unpark
-from lora_jax.paths import dotted, iter_adapters, module_paths, replace_module
+from lora_jax.paths import dotted, iter_adapters, module_at, module_paths, replace_module
 from lora_jax.surgery import find_targets
 from lora_jax.variants.lora import LoRA
 
@@ -77,10 +77,6 @@ _OWN = (AdapterParam, AdapterState, Parked)
 
 
 # -- graph helpers ---------------------------------------------------------------------
-def _child(parent: Any, key: Any) -> Any:
-    return parent[key] if isinstance(parent, nnx.List | nnx.Dict | list | dict) else getattr(parent, key)
-
-
 def layers(model: nnx.Module) -> list[tuple[str, NamedLayer]]:
     """``(dotted path, NamedLayer)`` for every named-adapter layer of the model."""
     return [(dotted(parts), m) for parts, m in nnx.iter_modules(model) if isinstance(m, NamedLayer)]
@@ -123,25 +119,24 @@ def _to_named(model: nnx.Module) -> None:
     for path, adapter in list(iter_adapters(model)):
         if isinstance(_parent_layer(model, parts_of[path]), NamedLayer):
             continue  # already named
-        if stacked.layer_mask(adapter) is not None or isinstance(adapter, ragged.RaggedLoRA):
-            raise ValueError(
-                f"{path!r} is a stacked (scanned) or ragged_dot expert adapter; named adapters support "
-                "unstacked layers only"
-            )
+        _refuse_stacked(path, adapter)
         layer = NamedLayer(adapter.base, adapter.info, adapter.spec)
         layer.adapters[DEFAULT] = adapter
         layer.names, layer.active, layer.serials = (DEFAULT,), (DEFAULT,), (0,)
         replace_module(model, parts_of[path], layer)
 
 
+def _refuse_stacked(path: str, adapter: Adapter) -> None:
+    if stacked.layer_mask(adapter) is not None or isinstance(adapter, ragged.RaggedLoRA):
+        raise ValueError(
+            f"{path!r} is a stacked (scanned) layer or a ragged_dot expert layer; named adapters support "
+            "unstacked layers only (exclude it from the rules)"
+        )
+
+
 def _parent_layer(model: nnx.Module, parts: tuple[Any, ...]) -> Any:
     """The module two levels up (a NamedLayer holds adapters at ``layer.adapters.<name>``)."""
-    if len(parts) < 2:
-        return None
-    parent: Any = model
-    for p in parts[:-2]:
-        parent = _child(parent, p)
-    return parent
+    return module_at(model, parts[:-2]) if len(parts) >= 2 else None
 
 
 def _base_view(model: nnx.Module) -> nnx.Module:
@@ -158,12 +153,8 @@ def _adopt(new: nnx.Module, name: str, plain: nnx.Module, *, make_active: bool) 
     parts_of = module_paths(new)
     serial = max(_serials(new).values(), default=-1) + 1
     for path, adapter in iter_adapters(plain):
-        if stacked.layer_mask(adapter) is not None or isinstance(adapter, ragged.RaggedLoRA):
-            raise ValueError(
-                f"{path!r} is a stacked (scanned) layer or a ragged_dot expert layer; named adapters support "
-                "unstacked layers only (exclude it from the rules)"
-            )
-        here = _child_at(new, parts_of[path])
+        _refuse_stacked(path, adapter)
+        here = module_at(new, parts_of[path])
         if not isinstance(here, NamedLayer):
             layer = NamedLayer(here, adapter.info, adapter.spec)
             replace_module(new, parts_of[path], layer)
@@ -175,13 +166,6 @@ def _adopt(new: nnx.Module, name: str, plain: nnx.Module, *, make_active: bool) 
         here.names, here.serials = (*here.names, name), (*here.serials, serial)
         if make_active:
             here.active = (*here.active, name)
-
-
-def _child_at(model: nnx.Module, parts: tuple[Any, ...]) -> Any:
-    node: Any = model
-    for p in parts:
-        node = _child(node, p)
-    return node
 
 
 def _prepare(model: M, name: str) -> M:

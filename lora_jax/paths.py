@@ -23,6 +23,7 @@ __all__ = [
     "iter_adapters",
     "layer_index",
     "matches",
+    "module_at",
     "module_paths",
     "replace_module",
     "select",
@@ -59,14 +60,25 @@ def module_paths(model: nnx.Module) -> dict[str, Parts]:
     return {dotted(parts): parts for parts, _ in nnx.iter_modules(model)}
 
 
+def _is_container(node: Any) -> bool:
+    return isinstance(node, nnx.List | nnx.Dict | list | dict)
+
+
+def module_at(model: nnx.Module, parts: Parts) -> Any:
+    """The node at ``parts`` in ``model`` (attributes, or entries of a list / dict /
+    ``nnx.List`` / ``nnx.Dict``); ``parts`` as ``nnx.iter_modules`` gives them."""
+    node: Any = model
+    for p in parts:
+        node = node[p] if _is_container(node) else getattr(node, p)
+    return node
+
+
 def replace_module(model: nnx.Module, parts: Parts, new: nnx.Module) -> None:
     """Put ``new`` at ``parts`` in ``model``, in place (an attribute, or an entry of a
     list / dict / ``nnx.List`` / ``nnx.Dict``)."""
-    parent: Any = model
-    for p in parts[:-1]:
-        parent = parent[p] if isinstance(parent, nnx.List | nnx.Dict | list | dict) else getattr(parent, p)
+    parent = module_at(model, parts[:-1])
     key = parts[-1]
-    if isinstance(parent, nnx.List | nnx.Dict | list | dict):
+    if _is_container(parent):
         parent[key] = new
     else:
         setattr(parent, key, new)

@@ -74,6 +74,7 @@ from lora_jax.variants.oft import OFTConfig
 from lora_jax.variants.olora import OLoRAConfig
 from lora_jax.variants.pissa import PiSSAConfig
 from lora_jax.variants.road import ROADConfig
+from lora_jax.variants.vera import VeRAConfig
 from lora_jax.views import UnsupportedLayerError, ViewInfo, register_view
 
 # Imported on first attribute access: checkpoint pulls in Orbax (a fifth of a second) and
@@ -141,6 +142,7 @@ __all__ = [
     "LoKrConfig",
     "OFTConfig",
     "MiSSConfig",
+    "VeRAConfig",
     # the module and its Variable types (filters for nnx.state / nnx.Optimizer(wrt=))
     "Adapter",
     "AdapterParam",

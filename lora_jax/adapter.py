@@ -124,6 +124,9 @@ class Target:
     module: nnx.Module
     info: ViewInfo
     spec: EinsumSpec
+    # What the variant's prepare made for every target of its config in this apply (VeRA's
+    # shared projection); None for variants whose adapters share nothing.
+    shared: Any = dataclasses.field(default=None, kw_only=True, compare=False, repr=False)
 
     @property
     def bias(self) -> Array | None:
@@ -174,6 +177,13 @@ class VariantConfig(abc.ABC):
     @abc.abstractmethod
     def build(self, target: Target, *, seed: int) -> Adapter:
         """Validate against ``target`` and return its adapter (identity at alpha=0)."""
+
+    def prepare(self, targets: Sequence[Target], *, seed: int) -> Any:
+        """State shared by the adapters of this config: called once per apply with every
+        target an equal config adapts, before any ``build``; each of them then finds the
+        result as ``target.shared``. Raise here to refuse the set of targets. Default:
+        nothing is shared (None)."""
+        return None
 
 
 def shard_spec(spec: EinsumSpec, kernel_names: tuple[Any, ...], axes: str) -> tuple[Any, ...]:

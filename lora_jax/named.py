@@ -45,7 +45,7 @@ from lora_jax.adapter import Adapter, AdapterParam, AdapterState, as_alpha
 from lora_jax.config import AdapterConfig
 from lora_jax.named_layer import NamedLayer, Parked, Route, park, unpark
 from lora_jax.paths import dotted, iter_adapters, module_at, module_paths, replace_module
-from lora_jax.surgery import find_targets
+from lora_jax.surgery import find_targets, with_shared
 from lora_jax.variants.lora import LoRA
 
 __all__ = [
@@ -189,7 +189,7 @@ def add(model: M, name: str, cfg: AdapterConfig, *, active: bool = True) -> M:
     view = _base_view(new)
     built = nnx.clone(view)
     parts_of = module_paths(built)
-    for target, rule in find_targets(built, cfg):
+    for target, rule in with_shared(find_targets(built, cfg), cfg.seed):
         if isinstance(target, stacked.StackedTarget):
             raise ValueError(
                 f"{target.path!r} is a stacked (scanned) layer; named adapters support unstacked layers only "

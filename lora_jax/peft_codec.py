@@ -42,6 +42,10 @@ class PeftCodec:
     ``alt_suffixes``: the tensor set a layer may have instead (LoRA on an embedding:
     ``lora_embedding_A`` / ``lora_embedding_B``). ``partial``: a layer holds some of
     ``suffixes`` and ``from_peft`` checks which (LoKr's factors are full or low-rank).
+    ``shared_names``: model-level tensors ``base_model.<name>`` that every layer of the
+    adapter uses (VeRA's projections): ``shared_to_peft(adapter) -> {name: array}``, the
+    same for every adapter; ``shared_from_peft({name: array}) -> {attribute path: array}``,
+    written on every imported adapter (a dotted path, e.g. into a shared module).
     """
 
     peft_type: str
@@ -54,6 +58,9 @@ class PeftCodec:
     folds_alpha: bool = False
     alt_suffixes: tuple[str, ...] = ()
     partial: bool = False
+    shared_names: tuple[str, ...] = ()
+    shared_to_peft: Callable[[Adapter], dict[str, np.ndarray]] | None = None
+    shared_from_peft: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]] | None = None
 
 
 def host_array(x: Any) -> np.ndarray:

@@ -22,8 +22,10 @@ config's ``peft_codec`` (``CODECS`` lists them by variant name): its PEFT type, 
 config flags that identify it on import (``use_dora``), which config entries PEFT allows
 per layer (``rank_pattern``), and two functions between an adapter and its tensors. This
 module names no variant. Today: LoRA; DoRA; IA3 and IA3-FF (``feedforward_modules``);
-DeLoRA, HRA and ROAD (PEFT's DELORA, HRA, ROAD files); EVA exports as its LoRA, PiSSA and
-OLoRA as the equivalent rank-2r LoRA (as PEFT saves them); those three import as LoRA.
+DeLoRA, HRA and ROAD (PEFT's DELORA, HRA, ROAD files); VeRA (its shared
+``base_model.vera_A`` / ``vera_B`` as the codec's model-level tensors); EVA exports as
+its LoRA, PiSSA and OLoRA as the equivalent rank-2r LoRA (as PEFT saves them); those
+three import as LoRA.
 Any adapter, AntiPaSTO included, can also be written as a plain LoRA by
 :func:`lora_jax.as_lora.save_as_lora` (SVD-truncated delta).
 
@@ -57,6 +59,7 @@ __all__ = ["CODECS", "PeftCodec", "PeftFormatError", "export_peft", "import_peft
 
 M = TypeVar("M", bound=nnx.Module)
 PREFIX = "base_model.model."
+SHARED_PREFIX = "base_model."  # a model-level tensor shared by every layer (VeRA's vera_A)
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 
@@ -114,6 +117,7 @@ def export_peft(path: str | Path, model: nnx.Module, *, hf_name: Callable[[str],
     codecs = _codecs()
     layers: list[tuple[str, PeftCodec, dict[str, Any]]] = []
     tensors: dict[str, np.ndarray] = {}
+    shared: dict[str, np.ndarray] = {}  # model-level tensors (base_model.<name>)
     for nnx_path, adapter in iter_adapters(model):
         codec = codecs.get(adapter.config.name)
         if codec is None:
@@ -136,6 +140,13 @@ def export_peft(path: str | Path, model: nnx.Module, *, hf_name: Callable[[str],
         entries, arrays = codec.to_peft(adapter)
         layers.append((name, codec, entries))
         tensors.update({f"{PREFIX}{name}.{suffix}": np.ascontiguousarray(a) for suffix, a in arrays.items()})
+        for key, array in (codec.shared_to_peft(adapter) if codec.shared_to_peft else {}).items():
+            if key in shared and not np.array_equal(shared[key], array):
+                raise PeftFormatError(
+                    f"{nnx_path!r}: its {key} differs from another adapter's, and one PEFT file holds one "
+                    f"base_model.{key} (adapters of different configs do not share it): export them separately"
+                )
+            shared[key] = np.ascontiguousarray(array)
     if not layers:
         raise PeftFormatError("the model holds no adapter to export")
     kinds = sorted({(c.peft_type, tuple(c.flags.items())) for _, c, _ in layers})
@@ -161,6 +172,7 @@ def export_peft(path: str | Path, model: nnx.Module, *, hf_name: Callable[[str],
         base_model_name_or_path=None,
         inference_mode=True,
     )
+    tensors.update({f"{SHARED_PREFIX}{key}": array for key, array in shared.items()})
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path / WEIGHTS), metadata={"format": "pt"})
@@ -246,8 +258,13 @@ def import_peft(path: str | Path, base_model: M, *, hf_name: Callable[[str], str
         )
     codecs = [c for c in _codecs().values() if c.peft_type == config.get("peft_type")]
     suffixes = {s for c in codecs for s in (*c.suffixes, *c.alt_suffixes)}
+    shared_names = {n for c in codecs for n in c.shared_names}
     groups: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+    shared: dict[str, np.ndarray] = {}
     for key, value in _read_weights(path).items():
+        if key.removeprefix(SHARED_PREFIX) in shared_names:
+            shared[key.removeprefix(SHARED_PREFIX)] = value
+            continue
         suffix = next((s for s in suffixes if key.endswith("." + s)), None)
         if suffix is None or not key.startswith(PREFIX):
             raise PeftFormatError(f"{path}: tensor {key!r} is not '{PREFIX}<module>.<{'|'.join(sorted(suffixes))}>'")
@@ -281,12 +298,23 @@ def import_peft(path: str | Path, base_model: M, *, hf_name: Callable[[str], str
             variant, values[nnx_path] = codec.from_peft(layer, groups[name])
         except PeftFormatError as err:
             raise PeftFormatError(f"{path}: module {name!r}: {err}") from err
+        if codec.shared_names:
+            missing = sorted(set(codec.shared_names) - set(shared))
+            if missing:
+                raise PeftFormatError(
+                    f"{path}: {codec.peft_type} layers need the model-level tensors "
+                    f"{[SHARED_PREFIX + n for n in missing]}, which {WEIGHTS} lacks; re-save the adapter with them"
+                )
+            model_level = codec.shared_from_peft({n: shared[n] for n in codec.shared_names})
+            values[nnx_path] = {**values[nnx_path], **model_level}
         rules.append(Rule(pattern=f"^{re.escape(nnx_path)}$", variant=variant))
     model = apply_adapters(base_model, AdapterConfig(rules=tuple(rules)))
     adapters = dict(iter_adapters(model))
     for nnx_path, arrays in values.items():
         for attr, array in arrays.items():
-            var = getattr(adapters[nnx_path], attr)
+            var = adapters[nnx_path]
+            for part in attr.split("."):  # a dotted path reaches into a module the adapter holds
+                var = getattr(var, part)
             if tuple(var.shape) != array.shape:
                 raise PeftFormatError(
                     f"{path}: {nnx_path}.{attr} needs shape {tuple(var.shape)} but the file gives {array.shape} "

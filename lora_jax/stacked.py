@@ -115,7 +115,8 @@ def build(target: StackedTarget, variant: VariantConfig, *, seed: int, layers: t
 
     def one(module: nnx.Module, index: jax.Array) -> Adapter:
         spec = EinsumSpec(target.info.equation, tuple(getattr(module, target.info.kernel).shape))
-        return build_adapter(_SliceTarget(target.path, module, target.info, spec, index=index), variant, seed=seed)
+        one_layer = _SliceTarget(target.path, module, target.info, spec, index=index, shared=target.shared)
+        return build_adapter(one_layer, variant, seed=seed)
 
     adapter = nnx.vmap(one, in_axes=(0, 0), out_axes=0, **vmap_options)(target.module, jnp.arange(target.size))
     mask = _mask(target.size, layers)

@@ -38,6 +38,7 @@ __all__ = [
     "merge_adapters",
     "iter_adapters",
     "find_targets",
+    "with_shared",
     "set_alpha",
     "AlreadyAdaptedError",
     "NoMatchError",
@@ -200,6 +201,24 @@ def _check_kind(i: int, rule: Rule, target: Target) -> None:
     )
 
 
+def with_shared(plan: list[tuple[Target, Rule]], seed: int) -> list[tuple[Target, Rule]]:
+    """``plan`` with each target carrying what its variant's ``prepare`` made, called once
+    per distinct variant config with all the targets of that config. Grouping by equal
+    config, not by rule, keeps one group when a checkpoint rebuilds one rule per path."""
+    groups: list[tuple[Any, list[Target]]] = []  # configs may be unhashable: compared, not hashed
+    for target, rule in plan:
+        group = next((g for v, g in groups if v == rule.variant), None)
+        if group is None:
+            groups.append((rule.variant, group := []))
+        group.append(target)
+    shared = [(variant, variant.prepare(tuple(group), seed=seed)) for variant, group in groups]
+    out = []
+    for target, rule in plan:
+        value = next(s for v, s in shared if v == rule.variant)
+        out.append((target if value is None else dataclasses.replace(target, shared=value), rule))
+    return out
+
+
 def _build(target: Target, rule: Rule, seed: int) -> Adapter:
     if isinstance(target, stacked.StackedTarget):
         return stacked.build(target, rule.variant, seed=seed, layers=rule.layers)
@@ -218,7 +237,7 @@ def apply_adapters(model: M, cfg: AdapterConfig) -> M:
         raise TypeError(f"apply_adapters needs an AdapterConfig, got {type(cfg).__name__}")
     refuse_named(model, "apply_adapters")  # lora_jax.named.add adds to such a model
     new = nnx.clone(model)
-    plan = find_targets(new, cfg)
+    plan = with_shared(find_targets(new, cfg), cfg.seed)
     built = []
     # SVD-based inits (PiSSA, AntiPaSTO) over many layers take minutes on a CPU: say how far it got
     with Progress("apply_adapters", len(plan), unit="layers") as bar:

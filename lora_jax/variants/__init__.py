@@ -27,6 +27,7 @@ from lora_jax.variants.oft import OFT, OFTConfig
 from lora_jax.variants.olora import OLoRA, OLoRAConfig
 from lora_jax.variants.pissa import PiSSA, PiSSAConfig, to_lora
 from lora_jax.variants.road import ROAD, ROADConfig
+from lora_jax.variants.vera import VeRA, VeRAConfig
 
 VARIANTS: dict[str, type[VariantConfig]] = {
     cls.name: cls
@@ -46,6 +47,7 @@ VARIANTS: dict[str, type[VariantConfig]] = {
         LoKrConfig,
         OFTConfig,
         MiSSConfig,
+        VeRAConfig,
     )
 }
 
@@ -120,6 +122,8 @@ __all__ = [
     "RotationParam",
     "Target",
     "VariantConfig",
+    "VeRA",
+    "VeRAConfig",
     "hra_orthogonality_penalty",
     "register_variant",
     "to_lora",

@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import peft
 import peft_parity
-from peft_parity import build, errors, randomize
+from peft_parity import build, copy_vera_projection, errors, randomize
 
-from lora_jax.variants import LoHaConfig, LoKrConfig, MiSSConfig, OFTConfig
+from lora_jax.variants import LoHaConfig, LoKrConfig, MiSSConfig, OFTConfig, VeRAConfig
 
 TARGETS = ["up", "down"]
 CASES = {
@@ -41,12 +41,15 @@ CASES = {
         MiSSConfig(r=4, mini_r=2),
         "miss",
     ),
+    "vera r=4": (peft.VeraConfig(r=4, target_modules=TARGETS), VeRAConfig(r=4), "vera"),
+    "vera r=16 (> d_in)": (peft.VeraConfig(r=16, target_modules=TARGETS), VeRAConfig(r=16), "vera"),
 }
 NAMES = {
     "hada": {n: n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")},
     "lokr": {n: n for n in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")},
     "oft": {"oft_r": "oft_R"},
     "miss": {"miss_block": "miss_block"},
+    "vera": {n: n for n in ("vera_lambda_d", "vera_lambda_b")},
 }
 
 
@@ -61,6 +64,8 @@ def main() -> None:
             else plain
         )
         peft_model, model = build(theirs, ours)
+        if kind == "vera":  # the shared random projection: PEFT's, drawn by torch
+            copy_vera_projection(peft_model, model)
         randomize(peft_model, model, NAMES[kind], size=0.2 if kind == "oft" else 0.4)
         e = errors(peft_model, model, NAMES[kind])
         print(f"| {label} | {e['forward']:.1e} | {e['grad']:.1e} | {e['merge']:.1e} |", flush=True)

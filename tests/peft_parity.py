@@ -53,6 +53,15 @@ def present(ours, layer: str, names: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in names.items() if k in vars(adapter)}
 
 
+def copy_vera_projection(peft_model, ours) -> None:
+    """PEFT draws VeRA's shared projection from torch's PRNG: give ours the same matrices
+    (one write: every adapter of ``ours`` holds the same projection module)."""
+    theirs = peft_model.base_model
+    projection = ours.up.vera_projection
+    projection.vera_A.value = jnp.asarray(theirs.vera_A["default"].numpy().T)
+    projection.vera_B.value = jnp.asarray(theirs.vera_B["default"].numpy().T)
+
+
 def randomize(
     peft_model,
     ours,

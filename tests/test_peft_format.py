@@ -197,12 +197,12 @@ def test_import_names_what_does_not_fit(tmp_path):
     with pytest.raises(PeftFormatError, match=r"o.lora_a needs shape \(8, 2\) but the file gives \(16, 2\)"):
         import_peft(tmp_path, Net(), hf_name=lambda p: swapped.get(p))
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "VERA"}))
-    vera = (
-        r"adapter_config.json: peft_type 'VERA' is not supported "
-        r"\(supported: DELORA, HRA, IA3, LOHA, LOKR, LORA, MISS, OFT, ROAD\)"
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "FOURIERFT"}))
+    unsupported = (
+        r"adapter_config.json: peft_type 'FOURIERFT' is not supported "
+        r"\(supported: DELORA, HRA, IA3, LOHA, LOKR, LORA, MISS, OFT, ROAD, VERA\)"
     )
-    with pytest.raises(PeftFormatError, match=vera):
+    with pytest.raises(PeftFormatError, match=unsupported):
         import_peft(tmp_path, Net(), hf_name=same_name)
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": 8, "rank_pattern": {}}))
     with pytest.raises(PeftFormatError, match=r"module 'o': adapter_config.json gives r=8 .* lora_A.weight has rank 2"):

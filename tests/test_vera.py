@@ -199,7 +199,7 @@ def test_bad_config_and_stacked_layers():
 
 
 # per-head kernels: lambda_d / lambda_b per head, A and B shared by the heads
-ROW_LAYOUTS = [lay for lay in LAYOUTS if lay.name in ("linear", "kv_packed", "per_head_BTNH_NHK")]
+ROW_LAYOUTS = [lay for lay in LAYOUTS if lay.name in ("linear", "per_head_BTNH_NHK")]
 
 
 @pytest.mark.parametrize("layout", ROW_LAYOUTS, ids=[lay.name for lay in ROW_LAYOUTS])

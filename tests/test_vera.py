@@ -93,7 +93,7 @@ def test_one_projection_sized_for_every_layer_stored_once():
     doubled = double_then_run(model, x)
     assert model.down.vera_projection is model.up.vera_projection
     np.testing.assert_array_equal(model.down.vera_projection.vera_A[...], 2 * a)  # the update reached both
-    np.testing.assert_allclose(doubled, model(x), rtol=1e-6)
+    assert rel(doubled, model(x)) < 1e-5  # compiled vs eager: rounding only
 
 
 def test_identity_and_alpha_zero_bit_exact():

@@ -184,7 +184,7 @@ class VeRA(Adapter):
         )
 
     def factors(self) -> tuple[Float[Array, "*batch d_in r"], Float[Array, "*batch r d_out"]]:
-        """``A[:d_in] diag(lambda_d)`` and ``diag-scaled B[:, :d_out] * lambda_b``: the layer's LoRA pair."""
+        """``A[:d_in] diag(lambda_d)`` and ``B[:, :d_out] diag(lambda_b)``: the layer's LoRA pair."""
         lead = (1,) * len(self.spec.batch_shape)  # explicit broadcast over kernel-batch axes
         a = self.vera_projection.vera_A[...][: self.spec.d_in]
         b = self.vera_projection.vera_B[...][:, : self.spec.d_out]

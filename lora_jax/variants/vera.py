@@ -20,8 +20,8 @@ max d_in for A, r for B) from the apply's seed with JAX's PRNG. It is one
 :class:`SharedProjection` module that every adapter references, so ``nnx.state`` holds it
 once (at the first adapter's ``vera_projection``); its :class:`RandomProjection` leaves are
 ``AdapterState``: never trained, saved by checkpoints, replicated on a mesh.
-Not implemented: stacked layers (the per-slice build of a ``nnx.vmap`` stack cannot hold
-one array shared with other layers; refused), PEFT's ``save_projection=False`` (it
+Not implemented: stacked layers (the model's ``nnx.scan`` slices every array of a stacked
+block on its layer axis, so one unstacked shared array cannot live there; refused), PEFT's ``save_projection=False`` (it
 regenerates A and B with torch's PRNG; refused on import). Checked against
 ``peft.tuners.vera.layer.Linear`` (tests/test_vera.py).
 """
@@ -157,8 +157,8 @@ class VeRAConfig(VariantConfig):
                 raise UnsupportedLayerError(
                     f"vera: {t.path!r} is a stacked layer (kernel {tuple(kernel.shape)}, one more leading axis "
                     f"than its einsum {t.info.equation!r} names); VeRA's projection is one array shared by "
-                    "every layer, which the per-layer build of a stack cannot hold. Exclude the layer, or use "
-                    "another variant (lora) there"
+                    "every layer, and the model's nnx.scan slices every array of a stacked block on its layer "
+                    "axis. Exclude the layer, or use another variant (lora) there"
                 )
         d_in, d_out = max(t.spec.d_in for t in targets), max(t.spec.d_out for t in targets)
         key = jax.random.fold_in(jax.random.key(seed), zlib.crc32(b"vera projection"))

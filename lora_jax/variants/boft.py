@@ -61,7 +61,7 @@ def butterfly_permutation(d_in: int, block: int, k: int) -> np.ndarray:
 def cayley_minus_identity(a: Float[Array, "*lead b b"], alpha: Array) -> Float[Array, "*lead b b"]:
     """``Q - I = -2 S (I + S)^-1`` (S and ``(I + S)^-1`` commute) for ``S = alpha (A - A^T) / 2``."""
     s = alpha * (0.5 * (a - jnp.swapaxes(a, -1, -2)))
-    return jnp.linalg.solve(jnp.eye(a.shape[-1], dtype=s.dtype) + s, -2.0 * s)
+    return jnp.linalg.solve(jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=s.dtype), s.shape) + s, -2.0 * s)
 
 
 # -- PEFT's format: peft_type BOFT, boft_R (m, n, b, b) as ours, boft_s (d_out, 1) -------

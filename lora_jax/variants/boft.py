@@ -33,6 +33,7 @@ Checked against ``peft.tuners.boft.layer.Linear`` (tests/test_boft.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -58,10 +59,51 @@ def butterfly_permutation(d_in: int, block: int, k: int) -> np.ndarray:
     return np.arange(d_in).reshape(-1, 2**k, 2, half).transpose(0, 2, 1, 3).reshape(-1)
 
 
+@jax.jit  # one compile, not one per primitive of the solve, when run eagerly
 def cayley_minus_identity(a: Float[Array, "*lead b b"], alpha: Array) -> Float[Array, "*lead b b"]:
     """``Q - I = -2 S (I + S)^-1`` (S and ``(I + S)^-1`` commute) for ``S = alpha (A - A^T) / 2``."""
     s = alpha * (0.5 * (a - jnp.swapaxes(a, -1, -2)))
     return jnp.linalg.solve(jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=s.dtype), s.shape) + s, -2.0 * s)
+
+
+@functools.partial(jax.jit, static_argnames="reverse")
+def butterfly_product(
+    h: Float[Array, "*rows d_in"], q: Float[Array, "*rows m n b b"], *, reverse: bool
+) -> Float[Array, "*rows d_in"]:
+    """``h B_m ... B_1`` (``B_1 ... B_m`` with ``reverse``) from the blocks ``q = Q - I``,
+    whose leading axes broadcast against h's; each factor adds ``h P_k (Q_k - I) P_k^T``."""
+    m, n, b = q.shape[-4], q.shape[-3], q.shape[-1]
+    for k in range(m) if reverse else range(m - 1, -1, -1):
+        perm = butterfly_permutation(n * b, b, k)
+        g = h if k == 0 else jnp.take(h, np.argsort(perm), axis=-1)  # h P_k
+        g = shardings.reshape(g, (*g.shape[:-1], n, b))
+        d = jnp.einsum("...xy,...xyz->...xz", g, q[..., k, :, :, :])
+        d = shardings.reshape(d, (*d.shape[:-2], n * b))
+        h = h + (d if k == 0 else jnp.take(d, perm, axis=-1))  # (...) P_k^T
+    return h
+
+
+@functools.partial(jax.jit, static_argnames="batch_axes")
+def rotate(
+    a: Float[Array, "*batch m n b b"], h: Float[Array, "*batch *free d_in"], alpha: Array, *, batch_axes: int
+) -> Float[Array, "*batch *free d_in"]:
+    """``h R(alpha)`` for the stored matrices ``a``; ``alpha`` a scalar or one per row of h
+    (``(*batch, *free, 1)``, ones but on the row axis); the first ``batch_axes`` are the kernel's."""
+    a = a.reshape(*a.shape[:batch_axes], *(1,) * (h.ndim - batch_axes - 1), *a.shape[batch_axes:])  # over rows
+    q = cayley_minus_identity(a, alpha if alpha.ndim == 0 else alpha[..., None, None, None])
+    if q.shape[-4] == 1:
+        return butterfly_product(h, q, reverse=False)
+    run = functools.partial(butterfly_product, h, q)  # R(alpha < 0) = B_1 ... B_m
+    if alpha.ndim == 0:
+        return jax.lax.cond(alpha < 0, lambda: run(reverse=True), lambda: run(reverse=False))
+    return jnp.where(alpha < 0, run(reverse=True), run(reverse=False))
+
+
+@jax.jit
+def scale_output(y: Array, scale: Array, bias: Array | None, alpha: Array) -> Array:
+    """``y + (y - bias)(scale ** alpha - 1)``: ``y`` scaled without its bias, exactly ``y``
+    where ``scale ** alpha`` is 1 (all arguments broadcast to y's layout)."""
+    return y + (y if bias is None else y - bias) * (gate_power(scale, alpha) - 1.0)
 
 
 # -- PEFT's format: peft_type BOFT, boft_R (m, n, b, b) as ours, boft_s (d_out, 1) -------
@@ -159,41 +201,18 @@ class BOFT(Adapter):
 
     def rotate(self, h: Float[Array, "*batch *free d_in"], alpha: Array) -> Float[Array, "*batch *free d_in"]:
         """``h R(alpha)``; ``alpha`` a scalar or ``(*batch, *free, 1)`` (one per row)."""
-        a, nb = self.boft_r[...], len(self.spec.batch_shape)
-        a = a.reshape(*a.shape[:nb], *(1,) * (h.ndim - nb - 1), *a.shape[nb:])  # over the rows
-        q = cayley_minus_identity(a, alpha if alpha.ndim == 0 else alpha[..., None, None, None])
-        n, b = q.shape[-3], q.shape[-1]
-        perms = [butterfly_permutation(n * b, b, k) for k in range(q.shape[-4])]
-
-        def run(order: range) -> Array:
-            out = h
-            for k in order:
-                g = out if k == 0 else jnp.take(out, np.argsort(perms[k]), axis=-1)  # out P_k
-                g = shardings.reshape(g, (*g.shape[:-1], n, b))
-                d = jnp.einsum("...xy,...xyz->...xz", g, q[..., k, :, :, :])
-                d = shardings.reshape(d, (*d.shape[:-2], n * b))
-                out = out + (d if k == 0 else jnp.take(d, perms[k], axis=-1))  # (...) P_k^T
-            return out
-
-        m = q.shape[-4]
-        if m == 1:
-            return run(range(1))
-        forward, backward = range(m - 1, -1, -1), range(m)  # R(alpha < 0) = B_1 ... B_m
-        if alpha.ndim == 0:
-            return jax.lax.cond(alpha < 0, lambda: run(backward), lambda: run(forward))
-        return jnp.where(alpha < 0, run(backward), run(forward))
+        return rotate(self.boft_r[...], h, alpha, batch_axes=len(self.spec.batch_shape))
 
     def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:
         spec = self.spec
         h = self.rotate(spec.in_to_matrix(x.astype(self.dtype)), self.alpha_for("hidden", x.ndim))
         y = call_base(in_from_matrix(spec, h, x.ndim).astype(x.dtype))
-        yd = y.astype(self.dtype)
-        scale = gate_power(spec.out_broadcast(self.boft_s[...], x.ndim, like=y), self.alpha_for("out", x.ndim))
-        unbiased = yd
+        scale = spec.out_broadcast(self.boft_s[...], x.ndim, like=y)
+        bias = None
         if self.info.bias is not None:
             bias = spec.bias_to_matrix(getattr(self.base, self.info.bias)[...]).astype(self.dtype)
-            unbiased = yd - spec.out_broadcast(bias, x.ndim, like=yd)
-        return (yd + unbiased * (scale - 1.0)).astype(y.dtype)
+            bias = spec.out_broadcast(bias, x.ndim, like=y)
+        return scale_output(y.astype(self.dtype), scale, bias, self.alpha_for("out", x.ndim)).astype(y.dtype)
 
     def merged(self, kernel, bias):
         alpha, d_in = self.scalar_alpha(), self.spec.d_in

@@ -3,10 +3,10 @@ factors), PEFT's permutations and Cayley map, identity and alpha = 0 bit for bit
 as the exact inverse, the PEFT codec both ways and config errors.
 
 PEFT runs more than one butterfly factor only with its CUDA extension ``fbd_cuda`` (without
-it, it silently keeps one factor). That extension only assembles the block-diagonal matrix
-of a ``(factors, n, b, b)`` stack; ``FAST_BLOCK_DIAG`` does the same with torch on the CPU
-so PEFT's own butterfly code runs here. Every test patches the loader so that PEFT does not
-try (and fail, seconds each) to compile the extension."""
+it, it silently keeps one factor). That extension only assembles block-diagonal matrices;
+``peft_parity.TorchBlockDiag`` does the same with torch on the CPU so PEFT's own butterfly
+code runs here. Every test patches the loader so that PEFT does not try (and fail, seconds
+each) to compile the extension."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +18,7 @@ from peft import PeftModel
 from peft.tuners.boft import layer as peft_boft
 from peft_helpers import FlaxMLP, TorchMLP, inputs
 from peft_parity import (
+    TorchBlockDiag,
     assert_one_alpha_per_row_is_separate_calls,
     assert_parity,
     build,
@@ -34,18 +35,6 @@ from lora_jax.variants import BOFTConfig
 from lora_jax.variants.boft import butterfly_permutation, cayley_minus_identity
 
 
-class FAST_BLOCK_DIAG:  # stands in for the fbd_cuda module
-    @staticmethod
-    def forward(stack):
-        return [torch.stack([torch.block_diag(*blocks) for blocks in stack])]
-
-    @staticmethod
-    def backward(grad, stack):
-        b = stack.shape[-1]
-        cut = [[g[j * b : (j + 1) * b, j * b : (j + 1) * b] for j in range(stack.shape[1])] for g in grad]
-        return [torch.stack([torch.stack(blocks) for blocks in cut])]
-
-
 @pytest.fixture(autouse=True)
 def peft_on_cpu(monkeypatch):
     """PEFT without its CUDA extension, as on this machine (one butterfly factor)."""
@@ -55,7 +44,7 @@ def peft_on_cpu(monkeypatch):
 @pytest.fixture
 def peft_butterfly(monkeypatch):
     """PEFT as with its CUDA extension: every butterfly factor."""
-    monkeypatch.setattr(peft_boft, "get_fbd_cuda", lambda: FAST_BLOCK_DIAG)
+    monkeypatch.setattr(peft_boft, "get_fbd_cuda", lambda: TorchBlockDiag)
 
 
 NAMES = {"boft_r": "boft_R", "boft_s": "boft_s"}

@@ -28,7 +28,7 @@ from helpers import Wrap, max_rel_err, perturb
 from layers import LAYOUT_IDS, LAYOUTS
 
 import lora_jax as lj
-from lora_jax.variants import LoHaConfig, LoKrConfig, MiSSConfig, OFTConfig
+from lora_jax.variants import BOFTConfig, LoHaConfig, LoKrConfig, MiSSConfig, OFTConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +83,11 @@ CASES: dict[str, Case] = {
     # r=4 leaves a padded last shard where d_in is 6 or 12 / 8 (per-head, MLP)
     "miss": Case(MiSSConfig(r=4)),
     "miss_mini": Case(MiSSConfig(r=4, mini_r=2)),
+    "boft": Case(BOFTConfig(boft_block_size=2)),
+    # two factors of 2-blocks need d_in % 4 == 0: the per-head layout's d_in is 6
+    "boft_butterfly": Case(
+        BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=2), skip_layouts=("per_head_BTNH_NHK",)
+    ),
     "lokr_low": Case(LoKrConfig(r=1, lora_alpha=1, decompose_both=True), zero_grad_at_init=("lokr_w2", "lokr_w1_b")),
 }
 

@@ -11,7 +11,7 @@ stored ``b x b`` matrix (``boft_r (*batch, m, n, b, b)``, PEFT's ``boft_R``: the
 matrix, so its symmetric half is inert, as in PEFT). ``P_k`` is PEFT's butterfly
 permutation: the identity for the first factor, then, in chunks of ``b 2^k`` features,
 the half-blocks of ``b/2`` reordered evens first, so factor ``k`` mixes features ``b 2^k``
-apart. ``m = boft_n_butterfly_factor``; ``m = 1`` is OFT with exact Cayley blocks.
+apart. ``m = boft_n_butterfly_factor``; ``m = 1`` is OFT with exact Cayley blocks, plus s.
 Delta form: every factor adds ``x P (Q - I) P^T`` with ``Q - I = -2 S (I + S)^-1``, the
 base layer keeps its bias and dtype, and the output is ``y + (y - b)(s - 1)``.
 Merged: ``R K diag(s)`` (Flax kernel), PEFT's ``(W R^T) * s`` in torch layout.

@@ -9,9 +9,10 @@ https://arxiv.org/abs/2311.06243
 each the exact Cayley map ``Q = (I - S)(I + S)^-1`` of ``S = (A - A^T) / 2``, ``A`` a
 stored ``b x b`` matrix (``boft_r (*batch, m, n, b, b)``, PEFT's ``boft_R``: the full
 matrix, so its symmetric half is inert, as in PEFT). ``P_k`` is PEFT's butterfly
-permutation: the identity for the first factor, then, in chunks of ``b 2^k`` features,
-the half-blocks of ``b/2`` reordered evens first, so factor ``k`` mixes features ``b 2^k``
-apart. ``m = boft_n_butterfly_factor``; ``m = 1`` is OFT with exact Cayley blocks, plus s.
+permutation: ``P_1 = I``; ``P_k`` reorders each chunk of ``b 2^(k-1)`` features by
+half-blocks of ``b/2``, evens first, so a block of ``B_k`` joins two half-blocks ``b 2^(k-2)``
+features apart. ``m = boft_n_butterfly_factor``; ``m = 1`` is OFT with exact Cayley
+blocks, plus s.
 Delta form: every factor adds ``x P (Q - I) P^T`` with ``Q - I = -2 S (I + S)^-1``, the
 base layer keeps its bias and dtype, and the output is ``y + (y - b)(s - 1)``.
 Merged: ``R K diag(s)`` (Flax kernel), PEFT's ``(W R^T) * s`` in torch layout.
@@ -51,8 +52,8 @@ from lora_jax.variants.oft import in_from_matrix
 
 
 def butterfly_permutation(d_in: int, block: int, k: int) -> np.ndarray:
-    """``perm`` of factor ``k`` (``P[i, perm[i]] = 1``): in chunks of ``block 2^k`` features,
-    the half-blocks in the order 0, 2, 4, ..., 1, 3, 5, ...; the identity for k = 0."""
+    """``perm`` of factor ``k`` counted from 0 (``P[i, perm[i]] = 1``): in chunks of ``block 2^k``
+    features, the half-blocks in the order 0, 2, 4, ..., 1, 3, 5, ...; the identity for k = 0."""
     if k == 0:
         return np.arange(d_in)
     half = block // 2

@@ -62,8 +62,10 @@ def adapt_up(variant):
 
 
 @pytest.mark.parametrize("case", OPTIONS.values(), ids=OPTIONS.keys())
-def test_boft_matches_peft(case, peft_butterfly):
+def test_boft_matches_peft(case, monkeypatch):
     options, layers = case
+    if options.get("boft_n_butterfly_factor", 1) > 1:  # else PEFT's own CPU path
+        monkeypatch.setattr(peft_boft, "get_fbd_cuda", lambda: TorchBlockDiag)
     peft_model, ours = build(
         PeftBOFTConfig(target_modules=layers.split("|"), **options), BOFTConfig(**options), pattern=layers
     )
@@ -97,6 +99,18 @@ def test_identity_and_alpha_zero_are_the_base_bit_for_bit():
     set_alpha(model, 0.0)
     assert jnp.array_equal(model(x), base(x))
     assert jnp.array_equal(merge_adapters(model).up.kernel[...], base.up.kernel[...])
+
+
+def test_bfloat16_adapter_on_a_float32_layer():
+    """LAPACK has no bfloat16: the Cayley solve runs in float32; identity stays bit-exact."""
+    x, base = jnp.asarray(inputs()), FlaxMLP(TorchMLP())
+    options = {"boft_block_size": 2, "boft_n_butterfly_factor": 2}
+    half, full = (adapt_up(BOFTConfig(dtype=dtype, **options)) for dtype in ("bfloat16", "float32"))
+    assert jnp.array_equal(half(x), base(x))
+    perturbed_copy(full, size=0.3)
+    half.up.boft_r.value, half.up.boft_s.value = (v[...].astype(jnp.bfloat16) for v in (full.up.boft_r, full.up.boft_s))
+    assert half(x).dtype == jnp.float32
+    assert rel(half(x), full(x)) < 2e-2 and rel(full(x), base(x)) > 5e-2
 
 
 def peft_order(adapter, alpha: float) -> np.ndarray:
@@ -190,7 +204,7 @@ def test_codec_with_butterfly_factors_both_ways(tmp_path, peft_butterfly):
         export_peft(tmp_path / "reverse", model, hf_name=lambda p: p)
 
 
-def test_file_saved_by_peft_without_cuda_imports_with_its_single_factor(tmp_path):
+def test_file_saved_by_peft_without_cuda_imports_with_its_single_factor_and_exports_back(tmp_path):
     config = PeftBOFTConfig(boft_block_size=2, boft_n_butterfly_factor=2, init_weights=False, target_modules=["up"])
     path = peft_saved(config, tmp_path / "cpu")  # config says 2 factors, the tensors hold 1
     theirs = PeftModel.from_pretrained(TorchMLP(), str(path))
@@ -200,6 +214,13 @@ def test_file_saved_by_peft_without_cuda_imports_with_its_single_factor(tmp_path
     want = theirs(torch.from_numpy(x)).detach().numpy()
     assert rel(TorchMLP()(torch.from_numpy(x)).detach().numpy(), want) > 1e-2
     assert rel(ours(jnp.asarray(x)), want) < 1e-5
+    from safetensors.numpy import load_file
+
+    export_peft(tmp_path / "back", ours, hf_name=lambda p: p)  # PEFT's tensors back, bit for bit
+    back, original = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "back", path))
+    assert sorted(back) == sorted(original)
+    for key, value in original.items():
+        np.testing.assert_array_equal(back[key], value, err_msg=key)
 
 
 def test_codec_refuses_tensors_of_another_shape(tmp_path):

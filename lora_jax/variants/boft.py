@@ -14,7 +14,8 @@ half-blocks of ``b/2``, evens first, so a block of ``B_k`` joins two half-blocks
 features apart. ``m = boft_n_butterfly_factor``; ``m = 1`` is OFT with exact Cayley
 blocks, plus s.
 Delta form: every factor adds ``x P (Q - I) P^T`` with ``Q - I = -2 S (I + S)^-1``, the
-base layer keeps its bias and dtype, and the output is ``y + (y - b)(s - 1)``.
+base layer keeps its bias and dtype, and the output is ``y + (y - b)(s - 1)``; both
+changes are computed in the adapter's dtype and added in the layer's.
 Merged: ``R K diag(s)`` (Flax kernel), PEFT's ``(W R^T) * s`` in torch layout.
 
 Identity at t=0: A = 0 and s = 1 (PEFT's init), so every ``Q - I`` and ``s - 1`` is an exact zero.
@@ -62,9 +63,11 @@ def butterfly_permutation(d_in: int, block: int, k: int) -> np.ndarray:
 
 @jax.jit  # one compile, not one per primitive of the solve, when run eagerly
 def cayley_minus_identity(a: Float[Array, "*lead b b"], alpha: Array) -> Float[Array, "*lead b b"]:
-    """``Q - I = -2 S (I + S)^-1`` (S and ``(I + S)^-1`` commute) for ``S = alpha (A - A^T) / 2``."""
-    s = alpha * (0.5 * (a - jnp.swapaxes(a, -1, -2)))
-    return jnp.linalg.solve(jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=s.dtype), s.shape) + s, -2.0 * s)
+    """``Q - I = -2 S (I + S)^-1`` (S and ``(I + S)^-1`` commute) for ``S = alpha (A - A^T) / 2``,
+    solved in at least float32 (LAPACK has no bfloat16) and returned in ``a``'s dtype."""
+    s = (alpha * (0.5 * (a - jnp.swapaxes(a, -1, -2)))).astype(jnp.promote_types(a.dtype, jnp.float32))
+    eye = jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=s.dtype), s.shape)
+    return jnp.linalg.solve(eye + s, -2.0 * s).astype(a.dtype)
 
 
 @functools.partial(jax.jit, static_argnames="reverse")
@@ -101,10 +104,10 @@ def rotate(
 
 
 @jax.jit
-def scale_output(y: Array, scale: Array, bias: Array | None, alpha: Array) -> Array:
-    """``y + (y - bias)(scale ** alpha - 1)``: ``y`` scaled without its bias, exactly ``y``
-    where ``scale ** alpha`` is 1 (all arguments broadcast to y's layout)."""
-    return y + (y if bias is None else y - bias) * (gate_power(scale, alpha) - 1.0)
+def scale_delta(y: Array, scale: Array, bias: Array | None, alpha: Array) -> Array:
+    """``(y - bias)(scale ** alpha - 1)``: the change of scaling ``y`` without its bias, an
+    exact zero where ``scale ** alpha`` is 1 (all arguments broadcast to y's layout)."""
+    return (y if bias is None else y - bias) * (gate_power(scale, alpha) - 1.0)
 
 
 # -- PEFT's format: peft_type BOFT, boft_R (m, n, b, b) as ours, boft_s (d_out, 1) -------
@@ -205,15 +208,18 @@ class BOFT(Adapter):
         return rotate(self.boft_r[...], h, alpha, batch_axes=len(self.spec.batch_shape))
 
     def forward(self, x: Array, call_base: Callable[[Array], Array]) -> Array:
+        # Both changes are computed in the adapter's dtype and added in the layer's, so a
+        # zero change leaves x and y bit for bit whatever the two dtypes are.
         spec = self.spec
-        h = self.rotate(spec.in_to_matrix(x.astype(self.dtype)), self.alpha_for("hidden", x.ndim))
-        y = call_base(in_from_matrix(spec, h, x.ndim).astype(x.dtype))
+        h = spec.in_to_matrix(x.astype(self.dtype))
+        delta = self.rotate(h, self.alpha_for("hidden", x.ndim)) - h
+        y = call_base(x + in_from_matrix(spec, delta, x.ndim).astype(x.dtype))
         scale = spec.out_broadcast(self.boft_s[...], x.ndim, like=y)
         bias = None
         if self.info.bias is not None:
             bias = spec.bias_to_matrix(getattr(self.base, self.info.bias)[...]).astype(self.dtype)
             bias = spec.out_broadcast(bias, x.ndim, like=y)
-        return scale_output(y.astype(self.dtype), scale, bias, self.alpha_for("out", x.ndim)).astype(y.dtype)
+        return y + scale_delta(y.astype(self.dtype), scale, bias, self.alpha_for("out", x.ndim)).astype(y.dtype)
 
     def merged(self, kernel, bias):
         alpha, d_in = self.scalar_alpha(), self.spec.d_in

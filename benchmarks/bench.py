@@ -50,8 +50,9 @@ def flop_ratio(rank: int) -> float:
     return 1 + sum(rank * (i + o) for i, o in shapes) / base
 
 
-# Variants whose ``r`` is not a rank: OFT's r counts blocks (its default, 32-wide blocks, is used).
-DEFAULT_OPTIONS = {"oft"}
+# Variants whose ``r`` is not a rank, benchmarked at their defaults: OFT's r counts blocks
+# (32-wide blocks are used); BOFT has no r (PEFT's default: 4-wide blocks, one factor).
+DEFAULT_OPTIONS = {"oft": " (oft_block_size=32)", "boft": " (boft_block_size=4)"}
 
 
 def bench_variant_configs() -> dict[str, lj.VariantConfig]:
@@ -152,7 +153,7 @@ def bench_train(base: nnx.Module, remat_base: nnx.Module, x: jax.Array, y: jax.A
 
 
 # The variants of issue 17, each timed against LoRA's train step in the same rounds.
-NEW_VARIANTS = ("loha", "lokr", "oft", "miss", "vera")
+NEW_VARIANTS = ("loha", "lokr", "oft", "miss", "vera", "boft")
 
 
 def bench_variant_train(base: nnx.Module, x: jax.Array, y: jax.Array, reps: int, results: dict) -> list[Row]:
@@ -166,7 +167,7 @@ def bench_variant_train(base: nnx.Module, x: jax.Array, y: jax.Array, reps: int,
 
 
 def _size(name: str) -> str:
-    return " (oft_block_size=32)" if name in DEFAULT_OPTIONS else f" (r={RANK})"
+    return DEFAULT_OPTIONS.get(name, f" (r={RANK})")
 
 
 def _tree_bytes(tree) -> int:

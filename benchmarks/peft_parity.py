@@ -16,9 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import peft
 import peft_parity
-from peft_parity import build, copy_vera_projection, errors, randomize
+from peft.tuners.boft import layer as peft_boft
+from peft_parity import TorchBlockDiag, build, copy_vera_projection, errors, randomize
 
-from lora_jax.variants import LoHaConfig, LoKrConfig, MiSSConfig, OFTConfig, VeRAConfig
+from lora_jax.variants import BOFTConfig, LoHaConfig, LoKrConfig, MiSSConfig, OFTConfig, VeRAConfig
 
 TARGETS = ["up", "down"]
 CASES = {
@@ -43,6 +44,23 @@ CASES = {
     ),
     "vera r=4": (peft.VeraConfig(r=4, target_modules=TARGETS), VeRAConfig(r=4), "vera"),
     "vera r=16 (> d_in)": (peft.VeraConfig(r=16, target_modules=TARGETS), VeRAConfig(r=16), "vera"),
+    "boft block 4": (peft.BOFTConfig(boft_block_size=4, target_modules=TARGETS), BOFTConfig(boft_block_size=4), "boft"),
+    # more than one butterfly factor runs PEFT's own butterfly code with TorchBlockDiag for fbd_cuda
+    "boft block 2, 2 factors": (
+        peft.BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=2, target_modules=TARGETS),
+        BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=2),
+        "boft",
+    ),
+    "boft 2 blocks, 2 factors": (
+        peft.BOFTConfig(boft_block_num=2, boft_block_size=0, boft_n_butterfly_factor=2, target_modules=TARGETS),
+        BOFTConfig(boft_block_num=2, boft_block_size=0, boft_n_butterfly_factor=2),
+        "boft",
+    ),
+    "boft block 2, 3 factors (up: d_in 8)": (
+        peft.BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=3, target_modules=["up"]),
+        BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=3),
+        "boft",
+    ),
 }
 NAMES = {
     "hada": {n: n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")},
@@ -50,6 +68,7 @@ NAMES = {
     "oft": {"oft_r": "oft_R"},
     "miss": {"miss_block": "miss_block"},
     "vera": {n: n for n in ("vera_lambda_d", "vera_lambda_b")},
+    "boft": {"boft_r": "boft_R", "boft_s": "boft_s"},
 }
 
 
@@ -63,10 +82,13 @@ def main() -> None:
             if kind == "oft"
             else plain
         )
-        peft_model, model = build(theirs, ours)
+        fbd = TorchBlockDiag if getattr(ours, "boft_n_butterfly_factor", 1) > 1 else None
+        peft_boft.get_fbd_cuda = lambda fbd=fbd: fbd  # None: PEFT on CPU, and no attempt to compile
+        peft_model, model = build(theirs, ours, pattern="|".join(sorted(theirs.target_modules)))
         if kind == "vera":  # the shared random projection: PEFT's, drawn by torch
             copy_vera_projection(peft_model, model)
-        randomize(peft_model, model, NAMES[kind], size=0.2 if kind == "oft" else 0.4)
+        size, offset = {"oft": (0.2, None), "boft": (0.3, {"boft_s": 1.0})}.get(kind, (0.4, None))
+        randomize(peft_model, model, NAMES[kind], size=size, offset=offset)
         e = errors(peft_model, model, NAMES[kind])
         print(f"| {label} | {e['forward']:.1e} | {e['grad']:.1e} | {e['merge']:.1e} |", flush=True)
 

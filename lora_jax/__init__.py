@@ -59,6 +59,7 @@ from lora_jax.surgery import (
 )
 from lora_jax.variants import register_variant
 from lora_jax.variants.antipasto import AntiPaSTOConfig, DeltaS, RotationParam
+from lora_jax.variants.boft import BOFTConfig
 from lora_jax.variants.delora import DeLoRAConfig, DeLoRALambda
 from lora_jax.variants.dora import DoRAConfig, DoRAMagnitude
 from lora_jax.variants.eva import EVAConfig
@@ -143,6 +144,7 @@ __all__ = [
     "OFTConfig",
     "MiSSConfig",
     "VeRAConfig",
+    "BOFTConfig",
     # the module and its Variable types (filters for nnx.state / nnx.Optimizer(wrt=))
     "Adapter",
     "AdapterParam",

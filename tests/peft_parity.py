@@ -187,3 +187,20 @@ def assert_one_alpha_per_row_is_separate_calls(variant, layout) -> None:
     for i in (1, 2):
         assert rel(swept[i], jnp.moveaxis(singles[i], row_axis, 0)[i]) < 1e-5
     assert rel(singles[1], y_base) > 1e-3
+
+
+class TorchBlockDiag:
+    """Stands in for PEFT's BOFT CUDA extension ``fbd_cuda`` (without it PEFT keeps one
+    butterfly factor): it only assembles the block-diagonal matrices of an ``(N, n, b, b)``
+    stack, which ``torch.block_diag`` does on the CPU. Patch it in with
+    ``peft.tuners.boft.layer.get_fbd_cuda = lambda: TorchBlockDiag``."""
+
+    @staticmethod
+    def forward(stack: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.stack([torch.block_diag(*blocks) for blocks in stack])]
+
+    @staticmethod
+    def backward(grad: torch.Tensor, stack: torch.Tensor) -> list[torch.Tensor]:
+        b = stack.shape[-1]
+        cut = [[g[j * b : (j + 1) * b, j * b : (j + 1) * b] for j in range(stack.shape[1])] for g in grad]
+        return [torch.stack([torch.stack(blocks) for blocks in cut])]

@@ -28,7 +28,7 @@ from helpers import Wrap, max_rel_err, perturb
 from layers import LAYOUT_IDS, LAYOUTS
 
 import lora_jax as lj
-from lora_jax.variants import LoHaConfig, LoKrConfig, MiSSConfig, OFTConfig, VeRAConfig
+from lora_jax.variants import BOFTConfig, LoHaConfig, LoKrConfig, MiSSConfig, OFTConfig, VeRAConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +85,11 @@ CASES: dict[str, Case] = {
     "miss_mini": Case(MiSSConfig(r=4, mini_r=2)),
     # lambda_b = 0: lambda_d has no gradient on step 1; one projection shared by all layers
     "vera": Case(VeRAConfig(r=4), zero_grad_at_init=("vera_lambda_d",)),
+    "boft": Case(BOFTConfig(boft_block_size=2)),
+    # two factors of 2-blocks need d_in % 4 == 0: the per-head layout's d_in is 6
+    "boft_butterfly": Case(
+        BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=2), skip_layouts=("per_head_BTNH_NHK",)
+    ),
     "lokr_low": Case(LoKrConfig(r=1, lora_alpha=1, decompose_both=True), zero_grad_at_init=("lokr_w2", "lokr_w1_b")),
 }
 

@@ -12,6 +12,7 @@ import inspect
 
 from lora_jax.adapter import Target, VariantConfig
 from lora_jax.variants.antipasto import AntiPaSTO, AntiPaSTOConfig, DeltaS, RotationParam
+from lora_jax.variants.boft import BOFT, BOFTConfig
 from lora_jax.variants.delora import DeLoRA, DeLoRAConfig, DeLoRALambda
 from lora_jax.variants.dora import DoRA, DoRAConfig, DoRAMagnitude
 from lora_jax.variants.eva import EVA, EVAConfig
@@ -48,6 +49,7 @@ VARIANTS: dict[str, type[VariantConfig]] = {
         OFTConfig,
         MiSSConfig,
         VeRAConfig,
+        BOFTConfig,
     )
 }
 
@@ -90,6 +92,8 @@ __all__ = [
     "VARIANTS",
     "AntiPaSTO",
     "AntiPaSTOConfig",
+    "BOFT",
+    "BOFTConfig",
     "ConvLoRA",
     "DeLoRA",
     "DeLoRAConfig",

@@ -42,6 +42,10 @@ class PeftCodec:
     ``alt_suffixes``: the tensor set a layer may have instead (LoRA on an embedding:
     ``lora_embedding_A`` / ``lora_embedding_B``). ``partial``: a layer holds some of
     ``suffixes`` and ``from_peft`` checks which (LoKr's factors are full or low-rank).
+    ``module_keyed``: config entries PEFT keys by tensor name, ``{entry: suffix}``: the
+    file holds ``{"<module>.<suffix>": value}`` (AdaLoRA's ``rank_pattern``); ``to_peft``
+    gives each layer's value (None: no key for it, and None for the entry if no layer has
+    one) and ``from_peft`` gets it (None when absent).
     """
 
     peft_type: str
@@ -54,6 +58,7 @@ class PeftCodec:
     folds_alpha: bool = False
     alt_suffixes: tuple[str, ...] = ()
     partial: bool = False
+    module_keyed: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 def host_array(x: Any) -> np.ndarray:

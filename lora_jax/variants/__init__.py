@@ -11,6 +11,8 @@ imported on their own, never from here, since they use surgery and calibrate).
 import inspect
 
 from lora_jax.adapter import Target, VariantConfig
+from lora_jax.variants.adalora import AdaLoRA, AdaLoRAConfig, adalora_orthogonality_penalty
+from lora_jax.variants.adalora_schedule import AdaLoRAAllocator, AdaLoRAAllocatorState, adalora_allocator
 from lora_jax.variants.antipasto import AntiPaSTO, AntiPaSTOConfig, DeltaS, RotationParam
 from lora_jax.variants.delora import DeLoRA, DeLoRAConfig, DeLoRALambda
 from lora_jax.variants.dora import DoRA, DoRAConfig, DoRAMagnitude
@@ -46,6 +48,7 @@ VARIANTS: dict[str, type[VariantConfig]] = {
         LoKrConfig,
         OFTConfig,
         MiSSConfig,
+        AdaLoRAConfig,
     )
 }
 
@@ -81,6 +84,10 @@ def register_variant(config_cls: type[VariantConfig]) -> type[VariantConfig]:
 
 
 __all__ = [
+    "AdaLoRA",
+    "AdaLoRAAllocator",
+    "AdaLoRAAllocatorState",
+    "AdaLoRAConfig",
     "HRA",
     "IA3",
     "IA3FF",
@@ -120,6 +127,8 @@ __all__ = [
     "RotationParam",
     "Target",
     "VariantConfig",
+    "adalora_allocator",
+    "adalora_orthogonality_penalty",
     "hra_orthogonality_penalty",
     "register_variant",
     "to_lora",

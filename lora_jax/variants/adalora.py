@@ -74,8 +74,8 @@ class AdaLoRAConfig(VariantConfig):
         fail = lambda what: ValueError(f"adalora: {what}")
         if not is_int(self.r) or self.r <= 0:
             raise fail(f"r={self.r!r} (PEFT's init_r) must be a positive integer")
-        if not is_int(self.target_r) or not 0 <= self.target_r <= self.r:
-            raise fail(f"target_r={self.target_r!r} must be an integer in [0, r={self.r}]")
+        if not is_int(self.target_r) or self.target_r < 0:  # <= r: checked by adalora_allocator
+            raise fail(f"target_r={self.target_r!r} must be an integer >= 0")
         if not self.lora_alpha > 0:
             raise fail(f"lora_alpha={self.lora_alpha!r} must be > 0 (PEFT's 0 means lora_alpha = r)")
         if not (is_int(self.tinit) and is_int(self.tfinal) and self.tinit >= 0 and self.tfinal >= 0):

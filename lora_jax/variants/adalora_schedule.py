@@ -164,6 +164,12 @@ def adalora_allocator(model: nnx.Module) -> AdaLoRAAllocator:
     cfg = next(iter(found.values())).config
     if cfg.total_step is None:
         raise ValueError("adalora_allocator: AdaLoRAConfig(total_step=None); set total_step, the schedule's length")
+    too_few = sorted(p for p, a in found.items() if a.config.r < cfg.target_r)
+    if too_few:
+        raise ValueError(
+            f"adalora_allocator: target_r={cfg.target_r} exceeds r at {too_few}; the budget only shrinks, so "
+            "lower target_r or raise r"
+        )
     init = sum(a.lora_e.size for a in found.values())
     target = cfg.target_r * sum(math.prod(a.spec.batch_shape) for a in found.values())
     budgets = np.array([peft_budget(t, init, target, cfg) for t in range(cfg.total_step - cfg.tfinal + 1)], np.int32)

@@ -155,11 +155,12 @@ def adalora_allocator(model: nnx.Module) -> AdaLoRAAllocator:
     found = {dotted(parts): m for parts, m in nnx.iter_modules(model) if isinstance(m, AdaLoRA)}
     if not found:
         raise ValueError("adalora_allocator: the model holds no AdaLoRA adapter; apply an AdaLoRAConfig first")
-    schedules = {tuple(getattr(a.config, f) for f in SCHEDULE) for a in found.values()}
-    if len(schedules) > 1:
+    values = {f: {p: getattr(a.config, f) for p, a in found.items()} for f in SCHEDULE}
+    differ = {f: by_path for f, by_path in values.items() if len(set(by_path.values())) > 1}
+    if differ:
         raise ValueError(
-            f"adalora_allocator: the AdaLoRA adapters disagree on {list(SCHEDULE)}: {sorted(schedules)}; "
-            "one schedule allocates one budget, so give every AdaLoRA rule the same values"
+            f"adalora_allocator: the AdaLoRA adapters disagree on {differ}; one schedule allocates one budget, "
+            "so give every AdaLoRA rule the same values"
         )
     cfg = next(iter(found.values())).config
     if cfg.total_step is None:

@@ -18,7 +18,7 @@ import peft
 import peft_parity
 from peft_parity import build, errors, randomize
 
-from lora_jax.variants import LoHaConfig, LoKrConfig, MiSSConfig, OFTConfig
+from lora_jax.variants import AdaLoRAConfig, LoHaConfig, LoKrConfig, MiSSConfig, OFTConfig
 
 TARGETS = ["up", "down"]
 CASES = {
@@ -41,12 +41,18 @@ CASES = {
         MiSSConfig(r=4, mini_r=2),
         "miss",
     ),
+    "adalora r=3": (
+        peft.AdaLoraConfig(init_r=3, target_r=1, lora_alpha=7, total_step=10, target_modules=TARGETS),
+        AdaLoRAConfig(r=3, target_r=1, lora_alpha=7, total_step=10),
+        "adalora",
+    ),
 }
 NAMES = {
     "hada": {n: n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")},
     "lokr": {n: n for n in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")},
     "oft": {"oft_r": "oft_R"},
     "miss": {"miss_block": "miss_block"},
+    "adalora": {"lora_a": "lora_A", "lora_e": "lora_E", "lora_b": "lora_B"},
 }
 
 

@@ -28,7 +28,7 @@ from helpers import Wrap, max_rel_err, perturb
 from layers import LAYOUT_IDS, LAYOUTS
 
 import lora_jax as lj
-from lora_jax.variants import LoHaConfig, LoKrConfig, MiSSConfig, OFTConfig
+from lora_jax.variants import AdaLoRAConfig, LoHaConfig, LoKrConfig, MiSSConfig, OFTConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +83,8 @@ CASES: dict[str, Case] = {
     # r=4 leaves a padded last shard where d_in is 6 or 12 / 8 (per-head, MLP)
     "miss": Case(MiSSConfig(r=4)),
     "miss_mini": Case(MiSSConfig(r=4, mini_r=2)),
+    # E = 0: P and Q have no gradient on step 1 (the rank allocation has its own tests)
+    "adalora": Case(AdaLoRAConfig(r=4, target_r=2), zero_grad_at_init=("lora_a", "lora_b")),
     "lokr_low": Case(LoKrConfig(r=1, lora_alpha=1, decompose_both=True), zero_grad_at_init=("lokr_w2", "lokr_w1_b")),
 }
 

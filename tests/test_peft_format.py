@@ -146,6 +146,7 @@ OPTIONS = {
     "miss": {"r": 4},
     "lokr": {"r": 1, "decompose_both": True},
     "road": {"group_size": 4},
+    "adalora": {"r": 4, "target_r": 2, "total_step": 10},
 }
 
 
@@ -200,7 +201,7 @@ def test_import_names_what_does_not_fit(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "VERA"}))
     vera = (
         r"adapter_config.json: peft_type 'VERA' is not supported "
-        r"\(supported: DELORA, HRA, IA3, LOHA, LOKR, LORA, MISS, OFT, ROAD\)"
+        r"\(supported: ADALORA, DELORA, HRA, IA3, LOHA, LOKR, LORA, MISS, OFT, ROAD\)"
     )
     with pytest.raises(PeftFormatError, match=vera):
         import_peft(tmp_path, Net(), hf_name=same_name)

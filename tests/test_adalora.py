@@ -297,3 +297,23 @@ def test_codec_errors(tmp_path):
     (path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(PeftFormatError, match="rank_pattern must map '<module>.lora_E' to a value"):
         import_peft(path, FlaxMLP(TorchMLP()), hf_name=lambda p: p)
+
+
+def test_allocation_counts_one_matrix_per_kernel_batch_index():
+    """MoE experts (4 kernels of 16 x 12): 4 matrices of r=4 triplets, target 2 each."""
+    from helpers import Wrap
+    from layers import LAYOUTS
+
+    layer, _ = next(lay for lay in LAYOUTS if lay.name == "moe_EBD_EDF").build()
+    cfg = ours_config(r=4, target_r=2, total_step=6)
+    model = lj.apply_adapters(Wrap(layer), lj.AdapterConfig(rules=(lj.Rule(pattern="layer", variant=cfg),)))
+    perturbed_copy(model)
+    allocator = adalora_allocator(model)
+    assert (allocator.init_budget, allocator.target_budget) == (16, 8)
+    grads = nnx.state(perturbed_copy(nnx.clone(model), seed=2), lj.AdapterParam)  # any values shaped as grads
+    allocate, alloc = nnx.jit(allocator.update_and_allocate), allocator.init()
+    for step in range(8):
+        alloc, budget = allocate(model, grads, jnp.asarray(step), alloc)
+    mask = np.asarray(model.layer.rank_mask[...])
+    assert mask.shape == (4, 4) and mask.sum() == int(budget) == 8
+    assert not np.asarray(model.layer.lora_e[...])[~mask].any()

@@ -27,7 +27,6 @@ step serves every step.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -172,7 +171,8 @@ def adalora_allocator(model: nnx.Module) -> AdaLoRAAllocator:
             "lower target_r or raise r"
         )
     init = sum(a.lora_e.size for a in found.values())
-    target = cfg.target_r * sum(math.prod(a.spec.batch_shape) for a in found.values())
+    # one matrix per kernel-batch index (and per layer of a stacked, scanned module)
+    target = cfg.target_r * sum(a.lora_e.size // a.config.r for a in found.values())
     budgets = np.array([peft_budget(t, init, target, cfg) for t in range(cfg.total_step - cfg.tfinal + 1)], np.int32)
     return AdaLoRAAllocator(
         config=cfg,

@@ -58,6 +58,10 @@ __all__ = ["CODECS", "PeftCodec", "PeftFormatError", "export_peft", "import_peft
 M = TypeVar("M", bound=nnx.Module)
 PREFIX = "base_model.model."
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
+# The PEFT release whose file format the codecs were checked against (tests/test_peft_format.py
+# loads every export with it). PEFT reads this field to choose between old and new forms
+# of a method (e.g. OFT's Cayley-Neumann series changed in 0.18, and PEFT warns without it).
+PEFT_FORMAT_VERSION = "0.21.0"
 
 
 class _Codecs(Mapping[str, PeftCodec]):
@@ -163,6 +167,7 @@ def export_peft(path: str | Path, model: nnx.Module, *, hf_name: Callable[[str],
         task_type=None,
         base_model_name_or_path=None,
         inference_mode=True,
+        peft_version=PEFT_FORMAT_VERSION,
     )
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from flax import nnx
 
 from lora_jax.einsum_spec import EinsumSpec, UnsupportedLayerError
 
-__all__ = ["UnsupportedLayerError", "ViewInfo", "register_view", "spec_of", "view_of"]
+__all__ = ["UnsupportedLayerError", "ViewInfo", "register_view", "spec_of", "unregister_view", "view_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,14 @@ def register_view(module_type: type, describe: Callable[[nnx.Module], ViewInfo])
     if not isinstance(module_type, type) or not issubclass(module_type, nnx.Module):
         raise TypeError(f"register_view needs an nnx.Module subclass, got {module_type!r}")
     _USER_VIEWS[module_type] = describe
+
+
+def unregister_view(module_type: type) -> None:
+    """Undo :func:`register_view` for ``module_type`` (models already adapted keep their
+    adapters; new ``apply_adapters`` calls no longer see the type)."""
+    if module_type not in _USER_VIEWS:
+        raise KeyError(f"{module_type!r} has no view registered with register_view; nothing to undo")
+    del _USER_VIEWS[module_type]
 
 
 def _linear_general_equation(module: nnx.LinearGeneral) -> str:

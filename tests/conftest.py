@@ -3,7 +3,7 @@
 Fixtures: ``register_view`` registers views for one test only (the registry is global:
 a registration left behind would change what later tests see)."""
 
-import sys
+import contextlib
 
 import jax
 import pytest
@@ -17,8 +17,13 @@ jax.config.update("jax_default_matmul_precision", "highest")
 @pytest.fixture
 def register_view():
     """``lj.register_view`` whose registrations are undone when the test ends."""
-    registry = sys.modules[lj.register_view.__module__]._USER_VIEWS
-    saved = dict(registry)
-    yield lj.register_view
-    registry.clear()
-    registry.update(saved)
+    registered = []
+
+    def register(module_type, describe):
+        lj.register_view(module_type, describe)
+        registered.append(module_type)
+
+    yield register
+    for module_type in dict.fromkeys(registered):
+        with contextlib.suppress(KeyError):  # the test may have unregistered it itself
+            lj.views.unregister_view(module_type)

@@ -76,6 +76,10 @@ def data(step):
     return x, jnp.sin(x)
 
 
+# Compiled forward: on 8 devices an eager call dispatches (and compiles) op by op.
+forward = nnx.jit(lambda model, x: model(x))
+
+
 def train(model, steps=5, shard_data=None):
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=lj.AdapterParam)
 
@@ -152,13 +156,13 @@ def check_sweep_and_merge_on_sharded_model():
             adapter.lora_b.value = 0.1 * jnp.ones_like(adapter.lora_b[...])
         x = jax.device_put(data(0)[0], NamedSharding(MESH, P("data")))
         lj.set_alpha(model, jnp.linspace(-1.0, 1.0, 8))
-        rows = nnx.jit(lambda m, x: m(x))(model, x)
+        rows = forward(model, x)
         lj.set_alpha(model, 0.5)
         merged = lj.merge_adapters(model)
-        np.testing.assert_allclose(merged(x), model(x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(forward(merged, x), forward(model, x), rtol=1e-5, atol=1e-6)
         assert merged.layers[0].up_proj.kernel[...].sharding.spec == P(None, "model")
     lj.set_alpha(model, 1.0)
-    np.testing.assert_allclose(rows[-1], model(x)[-1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(rows[-1], forward(model, x)[-1], rtol=1e-5, atol=1e-6)
 
 
 def check_checkpoint_saved_on_4x2_restores_on_2x1():
@@ -173,15 +177,15 @@ def check_checkpoint_saved_on_4x2_restores_on_2x1():
     model = trained("antipasto")[0]  # outside the mesh: trained() builds its one-device model too
     with tempfile.TemporaryDirectory() as tmp:
         with jax.set_mesh(MESH):
-            expect = np.asarray(model(x))
+            expect = np.asarray(forward(model, x))
             saved = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, lj.AdapterParam)))
             save(f"{tmp}/ckpt", model)
         with jax.set_mesh(small_mesh):
             restored = restore(f"{tmp}/ckpt", Model())
-            got = np.asarray(restored(x))
             vh = restored.layers[0].up_proj.vh[...]
             assert vh.sharding.mesh.shape == {"data": 2, "model": 1}, vh.sharding
             assert vh.sharding.spec == P(None, "model")
+            got = np.asarray(forward(restored, x))
             loaded = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(restored, lj.AdapterParam)))
     jax.tree.map(np.testing.assert_array_equal, loaded, saved)  # every adapter bit restored
     # Outputs agree up to the summation order that a different mesh implies.
@@ -235,7 +239,7 @@ def check_short_partition_specs_apply_train_merge():
         sharded = train(model, shard_data=NamedSharding(MESH, P("data")))
         x = jax.device_put(data(0)[0], NamedSharding(MESH, P("data")))
         merged = lj.merge_adapters(model)
-        np.testing.assert_allclose(merged(x), model(x), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(forward(merged, x), forward(model, x), rtol=1e-5, atol=1e-6)
         assert merged.q_proj.kernel[...].sharding.spec == q.base.kernel[...].sharding.spec
     np.testing.assert_allclose(sharded, single, rtol=1e-5, atol=1e-7)
     assert sharded[-1] < sharded[0], sharded

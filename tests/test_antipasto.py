@@ -34,7 +34,7 @@ from lora_jax.variants.antipasto_cayley import (
     rotation_angles,
     skew_from_params,
 )
-from lora_jax.views import ViewInfo, register_view
+from lora_jax.views import ViewInfo
 
 BY_NAME = {layout.name: layout for layout in LAYOUTS}
 
@@ -288,7 +288,7 @@ class Int8Linear(nnx.Module):
         return x @ self.w[...].astype(x.dtype)
 
 
-def test_a_kernel_that_is_not_dense_is_refused_like_for_the_other_svd_variants():
+def test_a_kernel_that_is_not_dense_is_refused_like_for_the_other_svd_variants(register_view):
     register_view(Int8Linear, lambda m: ViewInfo("...i,io->...o", kernel="w"))
     variant = AntiPaSTOConfig(r=4, block_size=2)
     with pytest.raises(

@@ -287,3 +287,24 @@ def test_finetune_example_marks_only_answers_as_targets(ours):
         prompt = tok.decode(row[m.astype(bool) & ~t.astype(bool)], skip_special_tokens=False)
         assert prompt == tok.apply_chat_template([{"role": "user", "content": pair["question"]}], tokenize=False,
                                                  add_generation_prompt=True)  # fmt: skip
+
+
+def test_q4_1_tensors_are_kept_as_int4_blocks_that_dequantize_bit_for_bit(tmp_path):
+    """load_gguf_quantized keeps the file's Q4_1 blocks (q / k rows un-permuted like the
+    dense loader's), requantizes the rest, and each kept layer stands for load_gguf's kernel."""
+    from lora_jax.paths import module_at, module_paths
+    from lora_jax.quant import load_gguf_quantized, quantized_layers
+
+    model = _tiny()
+    names = {"attn_q": "attn.q_proj", "attn_k": "attn.k_proj", "attn_v": "attn.v_proj", "attn_output": "attn.o_proj"}
+    names |= {"ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+    kinds = {f"blk.0.{n}.weight": gguf.GGMLQuantizationType.Q4_1 for n in names}
+    path = _write_tiny(tmp_path / "q4.gguf", model, kinds=kinds)
+    dense, _ = load_gguf(path, tokenizer=False)
+    quantized, _, report = load_gguf_quantized(path, tokenizer=False)
+    assert report["kept"] == sorted(f"layers.0.{p}" for p in names.values())
+    assert "layers.1.attn.q_proj" in report["requantized"]  # stored F32: the fallback format
+    layers = dict(quantized_layers(quantized))
+    for kept in report["kept"]:
+        want = module_at(dense, module_paths(dense)[kept]).kernel[...]
+        np.testing.assert_array_equal(layers[kept].dequantized(), want, err_msg=kept)

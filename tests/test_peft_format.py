@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from lora_jax import (
     iter_adapters,
     set_alpha,
 )
-from lora_jax.peft_format import CODECS, PeftFormatError, export_peft, import_peft
+from lora_jax.peft_format import CODECS, PEFT_FORMAT_VERSION, PeftFormatError, export_peft, import_peft
 from lora_jax.variants import VARIANTS
 
 torch = pytest.importorskip("torch")
@@ -166,6 +167,14 @@ def test_every_codec_loads_in_peft_with_the_same_outputs(tmp_path, name):
     export_peft(tmp_path, model, hf_name=same_name)
     peft_model = peft.PeftModel.from_pretrained(torch_mirror(Net()), str(tmp_path))
     np.testing.assert_allclose(torch_out(peft_model), np.asarray(model(jnp.asarray(X))), rtol=1e-4, atol=1e-4)
+
+
+def test_export_names_the_peft_format_version_so_peft_loads_oft_without_a_warning(tmp_path):
+    export_peft(tmp_path, moved("oft"), hf_name=same_name)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_version"] == PEFT_FORMAT_VERSION
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PEFT warns on an OFT file that names no version
+        peft.PeftModel.from_pretrained(torch_mirror(Net()), str(tmp_path))
 
 
 @pytest.mark.parametrize("name", ACTIVE)

@@ -102,3 +102,19 @@ def test_registered_view_for_user_module(register_view):
 def test_register_view_rejects_non_modules():
     with pytest.raises(TypeError, match="nnx.Module subclass"):
         lj.register_view(int, lambda m: None)
+
+
+def test_unregister_view_forgets_the_type_and_refuses_an_unknown_one(register_view):
+    class Custom(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(jnp.ones((3, 2)))
+
+        def __call__(self, x):
+            return x @ self.w[...]
+
+    register_view(Custom, lambda m: lj.ViewInfo("...i,io->...o", kernel="w"))
+    assert lj.views.view_of(Custom()) is not None
+    lj.views.unregister_view(Custom)
+    assert lj.views.view_of(Custom()) is None
+    with pytest.raises(KeyError, match="no view registered with register_view"):
+        lj.views.unregister_view(Custom)

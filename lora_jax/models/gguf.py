@@ -75,7 +75,8 @@ def smollm2_path() -> Path:
     return files[0]
 
 
-def _read(path: str | Path):
+def read_gguf(path: str | Path):
+    """A ``gguf.GGUFReader`` over ``path`` (clear errors for a missing package or file)."""
     try:
         from gguf import GGUFReader
     except ImportError as err:
@@ -154,7 +155,9 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str] | None = None)
     )
 
 
-def _param_path(name: str) -> str | None:
+def gguf_param_path(name: str) -> str | None:
+    """Where llama.cpp's tensor ``name`` lives in :mod:`lora_jax.models.llama` (dotted),
+    or ``None`` for a tensor the model does not have."""
     if name in _TOP_TENSORS:
         return _TOP_TENSORS[name]
     parts = name.split(".", 2)
@@ -163,7 +166,7 @@ def _param_path(name: str) -> str | None:
     return None
 
 
-def _unpermute_rotary(weight: np.ndarray, n_heads: int) -> np.ndarray:
+def unpermute_rotary(weight: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's q / k row order. HF's rotary pairs dimension i with i + H/2 in each
     head; llama.cpp's pairs neighbours 2i, 2i+1, so its converter stores each head's rows
     interleaved (row 2i is HF row i, row 2i+1 is HF row i + H/2). De-interleave per head."""
@@ -186,7 +189,7 @@ def _load_weights(reader, cfg: ModelConfig, dtype, where: str) -> Qwen3:
     from gguf import GGMLQuantizationType
 
     tensors = {t.name: t for t in reader.tensors}
-    unknown = sorted(n for n in tensors if _param_path(n) is None)
+    unknown = sorted(n for n in tensors if gguf_param_path(n) is None)
     if unknown:
         more = " ..." if len(unknown) > 8 else ""
         raise ValueError(f"{where}: tensors this {cfg.model_type} model does not use: {unknown[:8]}{more}")
@@ -201,7 +204,7 @@ def _load_weights(reader, cfg: ModelConfig, dtype, where: str) -> Qwen3:
         )
     model = nnx.eval_shape(lambda: Qwen3(cfg, param_dtype=dtype, rngs=nnx.Rngs(0)))
     targets = {".".join(str(p) for p in parts): var for parts, var in nnx.to_flat_state(nnx.state(model))}
-    by_param = {_param_path(n): n for n in tensors}
+    by_param = {gguf_param_path(n): n for n in tensors}
     missing = sorted(set(targets) - set(by_param))
     if missing:
         raise KeyError(f"{where}: no GGUF tensor for {missing[:8]}{' ...' if len(missing) > 8 else ''}")
@@ -220,9 +223,9 @@ def _load_weights(reader, cfg: ModelConfig, dtype, where: str) -> Qwen3:
     for param, var in targets.items():
         weight = _dequantized(tensors[by_param[param]])
         if param.endswith("q_proj.kernel"):
-            weight = _unpermute_rotary(weight, cfg.n_heads)
+            weight = unpermute_rotary(weight, cfg.n_heads)
         elif param.endswith("k_proj.kernel"):
-            weight = _unpermute_rotary(weight, cfg.n_kv_heads)
+            weight = unpermute_rotary(weight, cfg.n_kv_heads)
         if param.endswith("kernel"):
             weight = weight.T
         var.value = jnp.asarray(weight.reshape(var.shape), dtype)
@@ -231,7 +234,7 @@ def _load_weights(reader, cfg: ModelConfig, dtype, where: str) -> Qwen3:
 
 def load_gguf_tokenizer(path: str | Path):
     """Only the tokenizer of a GGUF file (see :func:`load_gguf`)."""
-    reader = _read(path)
+    reader = read_gguf(path)
     return tokenizer_from_metadata(_metadata(reader, TOKENIZER_ARRAYS), str(path))
 
 
@@ -245,7 +248,7 @@ def load_gguf(path: str | Path, *, dtype=jnp.float32, tokenizer: bool = True) ->
     (``apply_chat_template`` works); ``tokenizer=False`` returns ``(model, None)``.
     Raises, before building anything, on an unsupported architecture, rotary scaling,
     tensor type or tokenizer, naming it."""
-    reader = _read(path)
+    reader = read_gguf(path)
     # the token list also gives the vocabulary size when the file does not store it
     arrays = TOKENIZER_ARRAYS if tokenizer else ("tokenizer.ggml.tokens",)
     meta = _metadata(reader, arrays)

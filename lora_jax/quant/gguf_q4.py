@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lora_jax.models.gguf import _param_path, _read, _unpermute_rotary, load_gguf
+from lora_jax.models.gguf import gguf_param_path, load_gguf, read_gguf, unpermute_rotary
 from lora_jax.paths import dotted
 from lora_jax.quant.formats import Int4, QuantFormat, Quantized
 from lora_jax.quant.layer import quantize, quantized_layers
@@ -47,13 +47,13 @@ def load_gguf_quantized(
     model with every linear layer quantized; layers whose tensor is Q4_1 hold the file's
     own blocks (``Int4(group_size=32)``), the others ``fallback``-quantized values."""
     model, tok = load_gguf(path, tokenizer=tokenizer)
-    reader = _read(path)
+    reader = read_gguf(path)
     from gguf import GGMLQuantizationType
 
     q4 = {
-        _param_path(t.name): t
+        gguf_param_path(t.name): t
         for t in reader.tensors
-        if GGMLQuantizationType(t.tensor_type).name == "Q4_1" and _param_path(t.name) is not None
+        if GGMLQuantizationType(t.tensor_type).name == "Q4_1" and gguf_param_path(t.name) is not None
     }
     kept_paths = {p.rsplit(".", 1)[0] for p in q4 if p.endswith(".kernel")}
     qmodel = quantize(model, Q4_1_FORMAT, pattern=_any_of(kept_paths)) if kept_paths else model
@@ -69,7 +69,7 @@ def load_gguf_quantized(
         codes, d, m = _q4_1_blocks(tensor.data, rows, cols)
         for name, heads in (("q_proj", "n_heads"), ("k_proj", "n_kv_heads")):
             if path.endswith(name) and cfg is not None:
-                codes, d, m = (_unpermute_rotary(a, getattr(cfg, heads)) for a in (codes, d, m))
+                codes, d, m = (unpermute_rotary(a, getattr(cfg, heads)) for a in (codes, d, m))
         # (out, in) rows -> the layer's (d_in, d_out) matrix view, groups along d_in
         layer.set_codes(Quantized(jnp.asarray(codes.T, jnp.uint4), jnp.asarray(d.T), jnp.asarray(m.T)))
     return qmodel, tok, {"kept": sorted(kept_paths), "requantized": sorted(others)}

@@ -5,9 +5,8 @@ jitted function instead of baking a Python float into each trace:
 
 - ``mode="vmap"``: ``jax.vmap`` over a scalar alpha; every alpha sees the same inputs.
   ``batch_size=b`` instead maps over the alphas ``b`` at a time (``jax.lax.map``), with
-  memory for ``b`` forwards, not all of them. On a CPU ``batch_size=1`` measured
-  0.86-0.89x the time of separate calls and the full vmap 1.02-1.87x over six runs of
-  ``benchmarks/bench.py``; on an accelerator the full vmap is what fills the device.
+  memory for ``b`` forwards, not all of them. Which is faster depends on the device
+  (measured in docs/guides/steering.md); on an accelerator the full vmap fills it.
 - ``mode="rows"``: the inputs are repeated once per alpha and each row gets its own alpha
   (shape ``(n_alphas * batch,)``), so the whole sweep is one ordinary forward pass. Needs
   layers whose input's first axis is the batch (not e.g. an expert axis).

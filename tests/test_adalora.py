@@ -293,6 +293,9 @@ def test_codec_errors(tmp_path):
     (path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(PeftFormatError, match=r"module 'up': init_r=4 and rank_pattern \[True, True, True, True\]"):
         import_peft(path, FlaxMLP(TorchMLP()), hf_name=lambda p: p)
+    (path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(PeftFormatError, match=r"AdaLoRA with \{'use_dora': True\} is not supported"):
+        import_peft(path, FlaxMLP(TorchMLP()), hf_name=lambda p: p)
     config["rank_pattern"] = ["up"]
     (path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(PeftFormatError, match="rank_pattern must map '<module>.lora_E' to a value"):

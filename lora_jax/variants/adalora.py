@@ -171,6 +171,9 @@ def _to_peft(adapter: AdaLoRA) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
 
 
 def _from_peft(cfg: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> tuple[AdaLoRAConfig, dict]:
+    odd = {k: cfg[k] for k in ("use_dora", "loftq_config") if cfg.get(k)}
+    if odd:
+        raise PeftFormatError(f"AdaLoRA with {odd} is not supported (PEFT's AdaLoraConfig refuses it too)")
     missing = sorted({"lora_A", "lora_B", "lora_E"} - set(tensors))
     if missing:
         raise PeftFormatError(f"AdaLoRA module without {missing}")

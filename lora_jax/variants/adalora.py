@@ -53,7 +53,8 @@ class AdaLoRAConfig(VariantConfig):
     schedule (PEFT's names): warm-up ``tinit`` steps at full budget, a cubic decrease,
     ``tfinal`` steps at the target; allocation every ``delta_t`` steps (``deltaT``) of
     ``total_step``; EMA factors ``beta1`` (sensitivity), ``beta2`` (uncertainty);
-    ``orth_reg_weight`` for :func:`adalora_orthogonality_penalty`."""
+    ``orth_reg_weight`` for :func:`adalora_orthogonality_penalty`. The training loop runs
+    the schedule through :func:`lora_jax.variants.adalora_allocator`."""
 
     name = "adalora"
     r: int = 12

@@ -153,7 +153,7 @@ def bench_train(base: nnx.Module, remat_base: nnx.Module, x: jax.Array, y: jax.A
 
 
 # The variants of issue 17, each timed against LoRA's train step in the same rounds.
-NEW_VARIANTS = ("loha", "lokr", "oft", "miss", "vera", "boft")
+NEW_VARIANTS = ("loha", "lokr", "oft", "miss", "vera", "boft", "adalora")
 
 
 def bench_variant_train(base: nnx.Module, x: jax.Array, y: jax.Array, reps: int, results: dict) -> list[Row]:

@@ -19,7 +19,7 @@ import peft_parity
 from peft.tuners.boft import layer as peft_boft
 from peft_parity import TorchBlockDiag, build, copy_vera_projection, errors, randomize
 
-from lora_jax.variants import BOFTConfig, LoHaConfig, LoKrConfig, MiSSConfig, OFTConfig, VeRAConfig
+from lora_jax.variants import AdaLoRAConfig, BOFTConfig, LoHaConfig, LoKrConfig, MiSSConfig, OFTConfig, VeRAConfig
 
 TARGETS = ["up", "down"]
 CASES = {
@@ -61,6 +61,11 @@ CASES = {
         BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=3),
         "boft",
     ),
+    "adalora r=3": (
+        peft.AdaLoraConfig(init_r=3, target_r=1, lora_alpha=7, total_step=10, target_modules=TARGETS),
+        AdaLoRAConfig(r=3, target_r=1, lora_alpha=7, total_step=10),
+        "adalora",
+    ),
 }
 NAMES = {
     "hada": {n: n for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")},
@@ -69,6 +74,7 @@ NAMES = {
     "miss": {"miss_block": "miss_block"},
     "vera": {n: n for n in ("vera_lambda_d", "vera_lambda_b")},
     "boft": {"boft_r": "boft_R", "boft_s": "boft_s"},
+    "adalora": {"lora_a": "lora_A", "lora_e": "lora_E", "lora_b": "lora_B"},
 }
 
 

@@ -121,7 +121,7 @@ TOP_LEVEL = {
     "Variant configs": [
         "LoRAConfig", "PiSSAConfig", "OLoRAConfig", "DoRAConfig", "DeLoRAConfig", "IA3Config", "IA3FFConfig",
         "HRAConfig", "ROADConfig", "EVAConfig", "AntiPaSTOConfig", "LoHaConfig", "LoKrConfig", "OFTConfig",
-        "MiSSConfig", "VeRAConfig", "BOFTConfig",
+        "MiSSConfig", "VeRAConfig", "BOFTConfig", "AdaLoRAConfig",
     ],
     "The adapter and its Variable types": [
         "Adapter", "AdapterParam", "AdapterState", "Alpha", "DoRAMagnitude", "DeLoRALambda", "DeltaS",

@@ -58,6 +58,7 @@ from lora_jax.surgery import (
     set_alpha,
 )
 from lora_jax.variants import register_variant
+from lora_jax.variants.adalora import AdaLoRAConfig
 from lora_jax.variants.antipasto import AntiPaSTOConfig, DeltaS, RotationParam
 from lora_jax.variants.boft import BOFTConfig
 from lora_jax.variants.delora import DeLoRAConfig, DeLoRALambda
@@ -145,6 +146,7 @@ __all__ = [
     "MiSSConfig",
     "VeRAConfig",
     "BOFTConfig",
+    "AdaLoRAConfig",
     # the module and its Variable types (filters for nnx.state / nnx.Optimizer(wrt=))
     "Adapter",
     "AdapterParam",

@@ -46,6 +46,10 @@ class PeftCodec:
     adapter uses (VeRA's projections): ``shared_to_peft(adapter) -> {name: array}``, the
     same for every adapter; ``shared_from_peft({name: array}) -> {attribute path: array}``,
     written on every imported adapter (a dotted path, e.g. into a shared module).
+    ``module_keyed``: config entries PEFT keys by tensor name, ``{entry: suffix}``: the
+    file holds ``{"<module>.<suffix>": value}`` (AdaLoRA's ``rank_pattern``); ``to_peft``
+    gives each layer's value (None: no key for it, and None for the entry if no layer has
+    one) and ``from_peft`` gets it (None when absent).
     """
 
     peft_type: str
@@ -61,6 +65,7 @@ class PeftCodec:
     shared_names: tuple[str, ...] = ()
     shared_to_peft: Callable[[Adapter], dict[str, np.ndarray]] | None = None
     shared_from_peft: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+    module_keyed: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 def host_array(x: Any) -> np.ndarray:

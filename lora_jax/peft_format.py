@@ -158,7 +158,10 @@ def export_peft(path: str | Path, model: nnx.Module, *, hf_name: Callable[[str],
         raise PeftFormatError(f"one PEFT adapter has one type; this model mixes {kinds}: export them separately")
     codec = layers[0][1]
     config: dict[str, Any] = {"peft_type": codec.peft_type, **codec.flags, "modules_to_save": None}
-    for key in layers[0][2]:
+    for key, suffix in codec.module_keyed.items():
+        keyed = {f"{n}.{suffix}": e[key] for n, _, e in layers if e[key] is not None}
+        config[key] = keyed or None
+    for key in (k for k in layers[0][2] if k not in codec.module_keyed):
         values = collections.Counter(entries[key] for _, _, entries in layers)
         config[key] = values.most_common(1)[0][0]
         if key in codec.patterns:  # exact-name keys: "^" stops PEFT's suffix match at the start
@@ -299,6 +302,11 @@ def import_peft(path: str | Path, base_model: M, *, hf_name: Callable[[str], str
             hit = _pattern_key(patterns, name)
             if hit is not None:
                 layer[key] = patterns[hit]
+        for key, suffix in codec.module_keyed.items():
+            keyed = config.get(key) or {}
+            if not isinstance(keyed, Mapping):
+                raise PeftFormatError(f"{path / CONFIG}: {key} must map '<module>.{suffix}' to a value, got {keyed!r}")
+            layer[key] = keyed.get(f"{name}.{suffix}")
         try:
             variant, values[nnx_path] = codec.from_peft(layer, groups[name])
         except PeftFormatError as err:

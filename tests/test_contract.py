@@ -28,7 +28,7 @@ from helpers import Wrap, max_rel_err, perturb
 from layers import LAYOUT_IDS, LAYOUTS
 
 import lora_jax as lj
-from lora_jax.variants import BOFTConfig, LoHaConfig, LoKrConfig, MiSSConfig, OFTConfig, VeRAConfig
+from lora_jax.variants import AdaLoRAConfig, BOFTConfig, LoHaConfig, LoKrConfig, MiSSConfig, OFTConfig, VeRAConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +90,8 @@ CASES: dict[str, Case] = {
     "boft_butterfly": Case(
         BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=2), skip_layouts=("per_head_BTNH_NHK",)
     ),
+    # E = 0: P and Q have no gradient on step 1 (the rank allocation has its own tests)
+    "adalora": Case(AdaLoRAConfig(r=4, target_r=2), zero_grad_at_init=("lora_a", "lora_b")),
     "lokr_low": Case(LoKrConfig(r=1, lora_alpha=1, decompose_both=True), zero_grad_at_init=("lokr_w2", "lokr_w1_b")),
 }
 

@@ -147,6 +147,7 @@ OPTIONS = {
     "miss": {"r": 4},
     "lokr": {"r": 1, "decompose_both": True},
     "road": {"group_size": 4},
+    "adalora": {"r": 4, "target_r": 2, "total_step": 10},
 }
 
 
@@ -211,7 +212,7 @@ def test_import_names_what_does_not_fit(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "FOURIERFT"}))
     unsupported = (
         r"adapter_config.json: peft_type 'FOURIERFT' is not supported "
-        r"\(supported: BOFT, DELORA, HRA, IA3, LOHA, LOKR, LORA, MISS, OFT, ROAD, VERA\)"
+        r"\(supported: ADALORA, BOFT, DELORA, HRA, IA3, LOHA, LOKR, LORA, MISS, OFT, ROAD, VERA\)"
     )
     with pytest.raises(PeftFormatError, match=unsupported):
         import_peft(tmp_path, Net(), hf_name=same_name)

@@ -11,6 +11,8 @@ imported on their own, never from here, since they use surgery and calibrate).
 import inspect
 
 from lora_jax.adapter import Target, VariantConfig
+from lora_jax.variants.adalora import AdaLoRA, AdaLoRAConfig, adalora_orthogonality_penalty
+from lora_jax.variants.adalora_schedule import AdaLoRAAllocator, AdaLoRAAllocatorState, adalora_allocator
 from lora_jax.variants.antipasto import AntiPaSTO, AntiPaSTOConfig, DeltaS, RotationParam
 from lora_jax.variants.boft import BOFT, BOFTConfig
 from lora_jax.variants.delora import DeLoRA, DeLoRAConfig, DeLoRALambda
@@ -50,6 +52,7 @@ VARIANTS: dict[str, type[VariantConfig]] = {
         MiSSConfig,
         VeRAConfig,
         BOFTConfig,
+        AdaLoRAConfig,
     )
 }
 
@@ -85,6 +88,10 @@ def register_variant(config_cls: type[VariantConfig]) -> type[VariantConfig]:
 
 
 __all__ = [
+    "AdaLoRA",
+    "AdaLoRAAllocator",
+    "AdaLoRAAllocatorState",
+    "AdaLoRAConfig",
     "HRA",
     "IA3",
     "IA3FF",
@@ -128,6 +135,8 @@ __all__ = [
     "VariantConfig",
     "VeRA",
     "VeRAConfig",
+    "adalora_allocator",
+    "adalora_orthogonality_penalty",
     "hra_orthogonality_penalty",
     "register_variant",
     "to_lora",

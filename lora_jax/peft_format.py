@@ -22,10 +22,10 @@ config's ``peft_codec`` (``CODECS`` lists them by variant name): its PEFT type, 
 config flags that identify it on import (``use_dora``), which config entries PEFT allows
 per layer (``rank_pattern``), and two functions between an adapter and its tensors. This
 module names no variant. Today: LoRA; DoRA; IA3 and IA3-FF (``feedforward_modules``);
-DeLoRA, HRA and ROAD (PEFT's DELORA, HRA, ROAD files); VeRA (its shared
-``base_model.vera_A`` / ``vera_B`` as the codec's model-level tensors); EVA exports as
-its LoRA, PiSSA and OLoRA as the equivalent rank-2r LoRA (as PEFT saves them); those
-three import as LoRA.
+DeLoRA, HRA, ROAD, LoHa, LoKr, OFT, MiSS and BOFT (PEFT's files of those types); VeRA
+(its shared ``base_model.vera_A`` / ``vera_B`` as the codec's model-level tensors);
+AdaLoRA (its ``rank_pattern`` keyed by tensor name); EVA exports as its LoRA, PiSSA and
+OLoRA as the equivalent rank-2r LoRA (as PEFT saves them); those three import as LoRA.
 Any adapter, AntiPaSTO included, can also be written as a plain LoRA by
 :func:`lora_jax.as_lora.save_as_lora` (SVD-truncated delta).
 

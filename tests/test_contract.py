@@ -222,4 +222,12 @@ def test_checkpoint_round_trip_is_bit_exact(name, tmp_path):
     fresh = MLP(nnx.Rngs(0))  # restore rebuilds the adapters (without calibration data) and loads them
     restored = restore(save(tmp_path / name, model), fresh)
     np.testing.assert_array_equal(np.asarray(restored(x)), np.asarray(model(x)))
+    # every Variable, not only what the output shows (e.g. a masked AdaLoRA triplet, VeRA's projection)
+    state, saved_state = (nnx.to_pure_dict(nnx.state(m)) for m in (restored, model))
+    jax.tree.map(np.testing.assert_array_equal, state, saved_state)
     assert not list(lj.iter_adapters(fresh))
+
+
+def test_every_registered_variant_has_a_contract_case():
+    """A new variant joins every check above by adding a CASES row: forgetting it fails here."""
+    assert {case.config.name for case in CASES.values()} == set(lj.variants.VARIANTS)

@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 import lora_jax as lj
 from lora_jax.checkpoint import restore, save
 from lora_jax.peft import export_peft, import_peft
-from lora_jax.variants import LoHaConfig, LoKrConfig, MiSSConfig, OFTConfig
+from lora_jax.variants import AdaLoRAConfig, BOFTConfig, LoHaConfig, LoKrConfig, MiSSConfig, OFTConfig, VeRAConfig
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -275,6 +275,9 @@ def check_every_variant_trains_and_merges_on_fsdp():
         LoKrConfig(r=1, decompose_both=True),
         OFTConfig(oft_block_size=4),
         MiSSConfig(r=4),
+        VeRAConfig(r=4),  # its one projection, shared by every layer, replicated on the mesh
+        BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=2),
+        AdaLoRAConfig(r=4, target_r=2, total_step=10),
     )
     for variant in variants:
         cfg = lj.AdapterConfig(rules=(lj.Rule(pattern="proj", variant=variant),))
@@ -290,6 +293,10 @@ def check_every_variant_trains_and_merges_on_fsdp():
             )
             kernel = merged.layers[0].attn.q_proj.kernel[...]
             assert kernel.sharding.spec == P(layout.embed, layout.heads, None), (variant.name, kernel.sharding)
+            if variant.name == "vera":  # one projection for every layer, whole on every device
+                projection = model.layers[0].attn.q_proj.vera_projection
+                assert projection is model.layers[0].mlp.down_proj.vera_projection
+                assert projection.vera_A[...].sharding.is_fully_replicated, projection.vera_A[...].sharding
         # DeLoRA divides by the norm of B, which starts at zero (clamped): the first
         # update magnifies the rounding of a different summation order.
         rtol = 1e-4 if variant.name == "delora" else 1e-5

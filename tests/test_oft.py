@@ -8,7 +8,7 @@ import torch
 from layers import LAYOUTS
 from peft import OFTConfig as PeftOFTConfig
 from peft.tuners.oft.layer import OFTRotationModule
-from peft_helpers import FlaxMLP, TorchMLP
+from peft_helpers import FlaxMLP, TorchMLP, inputs
 from peft_parity import (
     assert_one_alpha_per_row_is_separate_calls,
     assert_parity,
@@ -117,3 +117,11 @@ ROW_LAYOUTS = [lay for lay in LAYOUTS if lay.name in ("linear", "kv_packed", "o_
 @pytest.mark.parametrize("layout", ROW_LAYOUTS, ids=[lay.name for lay in ROW_LAYOUTS])
 def test_one_alpha_per_row_is_a_sweep_in_one_pass(layout):
     assert_one_alpha_per_row_is_separate_calls(OFTConfig(oft_block_size=2), layout)
+
+
+def test_bfloat16_adapter_on_a_float32_layer_is_the_base_at_init():
+    """The rotation's change is computed in the adapter's dtype and added in the layer's."""
+    x, base = jnp.asarray(inputs()), FlaxMLP(TorchMLP())
+    half = adapt_up(OFTConfig(oft_block_size=2, dtype="bfloat16"))
+    assert half(x).dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(half(x)), np.asarray(base(x)))

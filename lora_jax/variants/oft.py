@@ -180,7 +180,9 @@ class OFT(Adapter):
                 power = shardings.einsum(product, power, q)
                 delta = delta + (c * alpha ** (k + 1)) * power
         delta = in_from_matrix(spec, shardings.reshape(delta, (*delta.shape[:-2], spec.d_in)), x.ndim)
-        return call_base((x.astype(self.dtype) + delta).astype(x.dtype))
+        # computed in the adapter's dtype, added in the layer's: a zero change leaves x bit
+        # for bit whatever the two dtypes are (a bf16 adapter on an fp32 layer too)
+        return call_base(x + delta.astype(x.dtype))
 
     def merged(self, kernel, bias):
         d = self.rotation_minus_identity(self.scalar_alpha())

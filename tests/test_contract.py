@@ -42,7 +42,8 @@ class Case:
     lr: float = 1e-2
     steps: int = 150
     toy_loss_ratio: float = 0.05
-    skip_layouts: tuple[str, ...] = ()
+    # layouts the config cannot fit: not run, but checked to be refused with a message
+    refused_layouts: tuple[str, ...] = ()
     # Leaves whose step-1 gradient is zero by the method's design (LoRA's A while B = 0):
     # asserted zero on step 1 and non-zero on step 2.
     zero_grad_at_init: tuple[str, ...] = ()
@@ -89,7 +90,7 @@ CASES: dict[str, Case] = {
     "boft": Case(BOFTConfig(boft_block_size=2)),
     # two factors of 2-blocks need d_in % 4 == 0: the per-head layout's d_in is 6
     "boft_butterfly": Case(
-        BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=2), skip_layouts=("per_head_BTNH_NHK",)
+        BOFTConfig(boft_block_size=2, boft_n_butterfly_factor=2), refused_layouts=("per_head_BTNH_NHK",)
     ),
     # E = 0: P and Q have no gradient on step 1 (the rank allocation has its own tests)
     "adalora": Case(AdaLoRAConfig(r=4, target_r=2), zero_grad_at_init=("lora_a", "lora_b")),
@@ -104,9 +105,25 @@ def _adapt(case: Case, model, x):
     return lj.apply_adapters(model, cfg)
 
 
-def _usable(case_name: str, layout_name: str) -> None:
-    if layout_name in CASES[case_name].skip_layouts:
-        pytest.skip(f"{case_name} documents that it does not support {layout_name}")
+def _on_layouts(pairs, ids):
+    """``(name, *pair)`` for every case and pair whose layout the case supports (the others
+    are checked to be refused, below), with readable ids."""
+    return [
+        pytest.param(name, *pair, id=f"{name}-{pair_id}")
+        for name in sorted(CASES)
+        for pair, pair_id in zip(pairs, ids, strict=True)
+        if pair[0].name not in CASES[name].refused_layouts
+    ]
+
+
+REFUSED = [(n, lay) for n in sorted(CASES) for lay in LAYOUTS if lay.name in CASES[n].refused_layouts]
+
+
+@pytest.mark.parametrize(("name", "layout"), REFUSED, ids=[f"{n}-{lay.name}" for n, lay in REFUSED])
+def test_a_layout_a_case_leaves_out_is_refused_with_a_message(name, layout):
+    layer, x = layout.build()
+    with pytest.raises(ValueError, match=CASES[name].config.name):
+        _adapt(CASES[name], Wrap(layer), x)
 
 
 @nnx.jit
@@ -123,12 +140,10 @@ DTYPE_LAYOUTS += [(layout, jnp.bfloat16) for layout in LAYOUTS if layout.name in
 DTYPE_LAYOUT_IDS = [f"{layout.name}-{jnp.dtype(dtype).name}" for layout, dtype in DTYPE_LAYOUTS]
 
 
-@pytest.mark.parametrize(("layout", "dtype"), DTYPE_LAYOUTS, ids=DTYPE_LAYOUT_IDS)
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize(("name", "layout", "dtype"), _on_layouts(DTYPE_LAYOUTS, DTYPE_LAYOUT_IDS))
 def test_identity_at_init_and_alpha_zero_eager_and_under_jit(name, layout, dtype):
     """Compiled adapter against compiled base, eager against eager (one adapted model for
     the four checks: the variant's init, e.g. an SVD, runs once)."""
-    _usable(name, layout.name)
     case = CASES[name]
     layer, x = layout.build(dtype=dtype)
     base = Wrap(layer)
@@ -150,10 +165,8 @@ def test_identity_at_init_and_alpha_zero_eager_and_under_jit(name, layout, dtype
     np.testing.assert_array_equal(np.asarray(_jit_call(adapted, x)), np.asarray(y0_jit), err_msg="alpha=0 under jit")
 
 
-@pytest.mark.parametrize("layout", LAYOUTS, ids=LAYOUT_IDS)
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize(("name", "layout"), _on_layouts([(lay,) for lay in LAYOUTS], LAYOUT_IDS))
 def test_merge_equals_unmerged(name, layout):
-    _usable(name, layout.name)
     case = CASES[name]
     layer, x = layout.build()
     adapted = _adapt(case, Wrap(layer), x)

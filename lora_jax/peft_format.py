@@ -289,6 +289,7 @@ def import_peft(path: str | Path, base_model: M, *, hf_name: Callable[[str], str
     if unmatched:
         raise PeftFormatError(f"{path}: no layer of the base model maps to {unmatched} under hf_name")
     rules, values = [], {}
+    model_level: dict[str, dict[str, np.ndarray]] = {}  # a codec's shared tensors, as adapters hold them
     for name, nnx_path in sorted(by_name.items(), key=lambda item: item[1]):
         codec = _codec_for(config, name)
         held = set(groups[name])
@@ -318,8 +319,9 @@ def import_peft(path: str | Path, base_model: M, *, hf_name: Callable[[str], str
                     f"{path}: {codec.peft_type} layers need the model-level tensors "
                     f"{[SHARED_PREFIX + n for n in missing]}, which {WEIGHTS} lacks; re-save the adapter with them"
                 )
-            model_level = codec.shared_from_peft({n: shared[n] for n in codec.shared_names})
-            values[nnx_path] = {**values[nnx_path], **model_level}
+            if codec.peft_type not in model_level:  # one conversion per file, not per layer
+                model_level[codec.peft_type] = codec.shared_from_peft({n: shared[n] for n in codec.shared_names})
+            values[nnx_path] = {**values[nnx_path], **model_level[codec.peft_type]}
         rules.append(Rule(pattern=f"^{re.escape(nnx_path)}$", variant=variant))
     model = apply_adapters(base_model, AdapterConfig(rules=tuple(rules)))
     adapters = dict(iter_adapters(model))

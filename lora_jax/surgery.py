@@ -205,18 +205,21 @@ def with_shared(plan: list[tuple[Target, Rule]], seed: int) -> list[tuple[Target
     """``plan`` with each target carrying what its variant's ``prepare`` made, called once
     per distinct variant config with all the targets of that config. Grouping by equal
     config, not by rule, keeps one group when a checkpoint rebuilds one rule per path."""
-    groups: list[tuple[Any, list[Target]]] = []  # configs may be unhashable: compared, not hashed
+    configs: list[Any] = []  # distinct configs (they may be unhashable: compared, not hashed)
+    groups: list[list[Target]] = []
+    group_of = []  # the group of each entry of plan
     for target, rule in plan:
-        group = next((g for v, g in groups if v == rule.variant), None)
-        if group is None:
-            groups.append((rule.variant, group := []))
-        group.append(target)
-    shared = [(variant, variant.prepare(tuple(group), seed=seed)) for variant, group in groups]
-    out = []
-    for target, rule in plan:
-        value = next(s for v, s in shared if v == rule.variant)
-        out.append((target if value is None else dataclasses.replace(target, shared=value), rule))
-    return out
+        i = next((k for k, config in enumerate(configs) if config == rule.variant), len(configs))
+        if i == len(configs):
+            configs.append(rule.variant)
+            groups.append([])
+        groups[i].append(target)
+        group_of.append(i)
+    shared = [config.prepare(tuple(group), seed=seed) for config, group in zip(configs, groups, strict=True)]
+    return [
+        (target if shared[i] is None else dataclasses.replace(target, shared=shared[i]), rule)
+        for (target, rule), i in zip(plan, group_of, strict=True)
+    ]
 
 
 def _build(target: Target, rule: Rule, seed: int) -> Adapter:
